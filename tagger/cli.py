@@ -1,0 +1,211 @@
+"""The ``tagger`` command: a thin layer over the library API.
+
+Exit status (all commands): 0 done, 1 done with some failures (files that could
+not be decoded or tagged), 2 usage or configuration error, 3 database locked or
+unusable, 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .config import Config, ConfigError, load_config
+
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_DB, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class Context:
+    def __init__(self, config_file: str | None, verbose: int):
+        self.config_file = config_file
+        self.verbose = verbose
+        self._config: Config | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            try:
+                self._config = load_config(self.config_file)
+            except ConfigError as exc:
+                fail(f"configuration: {exc}", EXIT_USAGE)
+        return self._config
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> None:
+    click.echo(f"tagger: {message}", err=True)
+    sys.exit(code)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", envvar="TAGGER_CONFIG", type=click.Path(dir_okay=False), help="config.toml to use (also $TAGGER_CONFIG).")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="tagger")
+@click.pass_context
+def main(ctx: click.Context, config_file: str | None, verbose: int) -> None:
+    """Classify the genre of music files and write it into their tags."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    ctx.obj = Context(config_file, verbose)
+
+
+# --- model ---------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.option("--valid", "valid_split", type=click.Path(exists=True, dir_okay=False), help="Split file of validation ids (<genre>/<id>).")
+@click.option("--train-split", type=click.Path(exists=True, dir_okay=False), help="Split file of training ids (default: DATA/splits/train.txt if present, else all not in --valid).")
+@click.option("--valid-fraction", type=float, default=None, help="Hold out this fraction of clips (stratified) when there is no split file.")
+@click.option("--epochs", type=int, default=None, help="Epochs per member.")
+@click.option("--members", type=int, default=None, help="Models in the averaged ensemble.")
+@click.option("--crop", type=int, default=None, help="Training crop width in columns.")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--learning-rate", type=float, default=None)
+@click.option("--patience", type=int, default=None, help="Early stopping: epochs without a better valid accuracy.")
+@click.option("--seed", type=int, default=None)
+@click.option("--arch", "arch_json", default=None, help='DenseNet settings as JSON, e.g. \'{"blocks": [4, 4, 4], "growth": 12}\'.')
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/model", show_default=True, help="Bundle directory (checkpoints inside; rerun to resume).")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, help="Feature cache for audio folders (default: OUT/../feature-cache).")
+@click.option("--name", default=None, help="Model name recorded in the bundle.")
+@pass_ctx
+def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, members, crop, batch_size, learning_rate, patience, seed, arch_json, out_dir, cache_dir, name) -> None:
+    """Train a genre model on DATA (PNG layout or <genre>/ audio folders)."""
+    import numpy as np
+
+    from .dataset import list_items, read_split
+    from .model.train import TrainConfig, run_training
+
+    cfg = TrainConfig()
+    for key, value in {"epochs": epochs, "members": members, "crop": crop, "batch_size": batch_size, "learning_rate": learning_rate, "patience": patience, "seed": seed}.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    if arch_json:
+        try:
+            cfg.arch = json.loads(arch_json)
+        except ValueError as exc:
+            fail(f"--arch is not JSON: {exc}")
+    out = Path(out_dir)
+    cache = Path(cache_dir) if cache_dir else out.parent / "feature-cache"
+    root = Path(data)
+    default_train = root / "splits" / "train.txt"
+    if train_split is None and default_train.is_file():
+        train_split = str(default_train)
+    all_ids = [i for i, _, _ in list_items(root)]
+    valid_ids = read_split(valid_split) if valid_split else None
+    train_ids = read_split(train_split) if train_split else None
+    if valid_ids is None and valid_fraction:
+        rng = np.random.default_rng(cfg.seed)
+        pool = [i for i in all_ids if train_ids is None or i in set(train_ids)]
+        by_genre: dict[str, list[str]] = {}
+        for i in pool:
+            by_genre.setdefault(i.split("/")[0], []).append(i)
+        valid_ids = []
+        for items in by_genre.values():
+            k = max(1, round(len(items) * valid_fraction))
+            valid_ids += [items[j] for j in rng.permutation(len(items))[:k]]
+    if train_ids is None:
+        held = set(valid_ids or [])
+        train_ids = [i for i in all_ids if i not in held]
+    overlap = set(train_ids) & set(valid_ids or [])
+    if overlap:
+        fail(f"{len(overlap)} clips are in both the training and the validation split (first: {sorted(overlap)[0]})")
+    try:
+        tr = _load_ids(data, train_ids, cache, "training data")
+        va = _load_ids(data, valid_ids, cache, "validation data", labels=tr.labels) if valid_ids else None
+    except ValueError as exc:
+        fail(str(exc))
+    click.echo(f"training on {tr.n_clips} clips ({len(tr.x)} windows), validating on {va.n_clips if va else 0}; {cfg.members} member(s) x {cfg.epochs} epochs", err=True)
+
+    def progress(row: dict) -> None:
+        val = f"  valid {row['val_accuracy']:.1%} (best {row['best']:.1%})" if "val_accuracy" in row else ""
+        click.echo(f"member {row['member']} epoch {row['epoch']:>3}/{row['epochs']}  loss {row['loss']:.3f}  lr {row['lr']:.2e}{val}  {row['seconds']:.1f}s", err=True)
+
+    summary = {"source": str(root.resolve()), "train": tr.summary(), "valid": va.summary() if va else None}
+    bundle, metrics = run_training(tr, va, cfg, out, name=name or out.name, data_summary=summary, progress=progress)
+    click.echo(f"saved {bundle.path} (sha256 {bundle.sha256[:12]})")
+    if "valid" in metrics:
+        click.echo(f"valid accuracy {metrics['valid']['accuracy']:.2%} on {metrics['valid']['n']} clips")
+
+
+def _load_ids(data, ids, cache, what, labels=None):
+    from rich.progress import Progress
+
+    from .dataset import is_png_layout, load_dataset
+
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task(f"loading {what}", total=None)
+        ds = load_dataset(
+            data, ids, labels=labels, cache_dir=None if is_png_layout(data) else cache,
+            progress=lambda i, n: bar.update(task, completed=i, total=n),
+        )
+    for path, reason in ds.failures:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    return ds
+
+
+@main.command()
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", "model_path", type=click.Path(exists=True), default=None, help="Model bundle directory (default: [model] path, else the shipped model).")
+@click.option("--split", type=click.Path(exists=True, dir_okay=False), help="Evaluate only the <genre>/<id> lines of this file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write the confusion matrix as PNG.")
+@click.option("--max-windows", type=int, default=None, help="Windows per audio track (default: [model] max_windows).")
+@pass_ctx
+def evaluate(ctx: Context, data, model_path, split, as_json, plot, max_windows) -> None:
+    """Score a model on labelled DATA (PNG layout or <genre>/ audio folders)."""
+    from .dataset import read_split
+    from .model.bundle import BundleError, load_bundle
+    from .model.evaluate import plot_confusion, report_from
+    from .model.infer import Classifier
+
+    cfg = ctx.config
+    try:
+        bundle = load_bundle(model_path or cfg.model.path or None)
+    except BundleError as exc:
+        fail(str(exc))
+    ids = read_split(split) if split else None
+    try:
+        from .dataset import genre_folders
+
+        data_labels = genre_folders(data)
+        unknown = [g for g in data_labels if g not in bundle.labels]
+        if unknown:
+            fail(f"{data}: genres the model does not know: {', '.join(unknown)}")
+        from .dataset import load_dataset
+
+        ds = load_dataset(data, ids, labels=data_labels, max_windows=max_windows or cfg.model.max_windows)
+    except ValueError as exc:
+        fail(str(exc))
+    for path, reason in ds.failures:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    clf = Classifier(bundle, batch_size=cfg.model.batch_size, workers=0)
+    probs = clf.predict_windows(ds.x)
+    report = report_from(probs, ds, bundle.labels)
+    if plot:
+        plot_confusion(report, plot)
+    if as_json:
+        out = report.to_json()
+        out["model"] = {"name": bundle.name, "sha256": bundle.sha256}
+        out["skipped"] = [{"path": p, "reason": r} for p, r in ds.failures]
+        click.echo(json.dumps(out))
+    else:
+        click.echo(f"model {bundle.name} ({bundle.sha256[:12]})")
+        click.echo(report.text())
+    if ds.failures:
+        sys.exit(EXIT_FAILURES)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

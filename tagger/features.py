@@ -1,0 +1,182 @@
+"""The one representation shared by training and inference.
+
+Every constant that decides what the model sees lives here. The training images
+(``shared/data/gtzan-mel-png``) were drawn from exactly this matrix, so decoding
+those PNGs and computing it from audio must agree; ``tests/test_features.py``
+checks that on real clips.
+
+A *window* is one 30-second stretch of audio turned into a ``(N_MELS, N_COLUMNS)``
+``uint8`` matrix: the clip's own min–max scaled dB mel spectrogram, quantised to
+256 levels, sampled at 387 columns. Low frequencies are row 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+#: Bump whenever anything below changes what a window looks like; bundles made
+#: with another version are refused at load time.
+REPRESENTATION_VERSION = 1
+
+SAMPLE_RATE = 22_050
+N_FFT = 2_048
+HOP_LENGTH = 512
+N_MELS = 128
+TOP_DB = 80.0
+WINDOW_SECONDS = 30.0
+WINDOW_SAMPLES = int(WINDOW_SECONDS * SAMPLE_RATE)
+#: Columns of the training images; each shows one STFT frame of the window.
+N_COLUMNS = 387
+#: Rows of the training images (each mel band spans about three of them).
+IMAGE_ROWS = 385
+LEVELS = 255
+#: A track up to this long is one window, whole (GTZAN clips are 29.9–30.7 s).
+WHOLE_TRACK_SECONDS = 31.0
+#: Shorter tracks are refused: a genre from a jingle is a guess.
+MIN_SECONDS = 5.0
+
+
+class SilentAudioError(ValueError):
+    """The window holds no signal, so min–max scaling is undefined."""
+
+
+def representation_params() -> dict[str, float | int]:
+    """Everything a model bundle records so a mismatch can be refused."""
+    return {
+        "version": REPRESENTATION_VERSION,
+        "sample_rate": SAMPLE_RATE,
+        "n_fft": N_FFT,
+        "hop_length": HOP_LENGTH,
+        "n_mels": N_MELS,
+        "top_db": TOP_DB,
+        "window_seconds": WINDOW_SECONDS,
+        "n_columns": N_COLUMNS,
+        "levels": LEVELS,
+    }
+
+
+def column_frames(n_frames: int) -> np.ndarray:
+    """STFT frame shown by each image column (measured on all 387 columns)."""
+    c = np.arange(N_COLUMNS, dtype=np.float64)
+    return np.floor((c + 0.5) * n_frames / (N_COLUMNS + 0.5)).astype(np.int64)
+
+
+def band_rows() -> list[np.ndarray]:
+    """Image rows (counted from the bottom) that show each mel band."""
+    r = np.arange(IMAGE_ROWS, dtype=np.float64)
+    band_of_row = np.floor((r + 0.5) * N_MELS / IMAGE_ROWS).astype(np.int64)
+    return [np.flatnonzero(band_of_row == b) for b in range(N_MELS)]
+
+
+_MEL_BASIS: np.ndarray | None = None
+
+
+def _mel_basis() -> np.ndarray:
+    global _MEL_BASIS
+    if _MEL_BASIS is None:
+        import librosa
+
+        _MEL_BASIS = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS).astype(np.float32)
+    return _MEL_BASIS
+
+
+def mel_db(y: np.ndarray) -> np.ndarray:
+    """``power_to_db(melspectrogram(y), ref=max, top_db=80)`` as librosa computes it."""
+    import librosa
+
+    spec = np.abs(librosa.stft(y, n_fft=N_FFT, hop_length=HOP_LENGTH, center=True)) ** 2
+    mel = _mel_basis() @ spec
+    return librosa.power_to_db(mel, ref=np.max, top_db=TOP_DB)
+
+
+def window_matrix(y: np.ndarray) -> np.ndarray:
+    """One window of mono 22,050 Hz audio → ``(N_MELS, N_COLUMNS)`` uint8 levels.
+
+    Audio shorter than a window is looped up to 30 s so the time scale matches
+    training (stretching it would not).
+    """
+    y = np.asarray(y, dtype=np.float32)
+    if y.size == 0:
+        raise SilentAudioError("no samples")
+    if y.size < WINDOW_SAMPLES:
+        y = np.resize(y, WINDOW_SAMPLES)
+    if not np.any(np.abs(y) > 1e-6):
+        raise SilentAudioError("silent audio (no signal above -120 dBFS)")
+    d = mel_db(y)
+    lo = float(d.min())
+    if lo >= -1e-6:
+        raise SilentAudioError("silent audio (flat spectrum)")
+    d = d[:, column_frames(d.shape[1])]
+    levels = np.rint(LEVELS * (d - lo) / (0.0 - lo))
+    return np.clip(levels, 0, LEVELS).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Where the windows of one track start, and how long each is (seconds)."""
+
+    starts: tuple[float, ...]
+    length: float
+
+
+def plan_windows(duration: float, max_windows: int) -> WindowPlan:
+    """How a whole track is covered, the same way for every caller.
+
+    - up to ``WHOLE_TRACK_SECONDS``: one window, the whole track (as in GTZAN);
+    - longer: ``min(max_windows, ceil(duration / 30))`` 30-second windows centred
+      on equal slices of the track, so intros and outros weigh no more than the
+      body and a long file needs only those stretches decoded.
+    """
+    if not math.isfinite(duration) or duration < MIN_SECONDS:
+        raise ValueError(f"too short to classify: {duration:.1f} s (minimum {MIN_SECONDS:.0f} s)")
+    if duration <= WHOLE_TRACK_SECONDS:
+        return WindowPlan((0.0,), duration)
+    n = max(1, min(int(max_windows), math.ceil(duration / WINDOW_SECONDS)))
+    last = duration - WINDOW_SECONDS
+    starts = []
+    for i in range(n):
+        centre = (i + 0.5) * duration / n
+        starts.append(round(min(max(centre - WINDOW_SECONDS / 2, 0.0), last), 3))
+    return WindowPlan(tuple(starts), WINDOW_SECONDS)
+
+
+# --- the training images -------------------------------------------------------
+
+_MAGMA_LOOKUP: dict[int, int] | None = None
+
+
+def _magma_lookup() -> dict[int, int]:
+    global _MAGMA_LOOKUP
+    if _MAGMA_LOOKUP is None:
+        from matplotlib import colormaps
+
+        rgb = np.rint(colormaps["magma"](np.arange(256))[:, :3] * 255).astype(np.int64)
+        keys = (rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2]
+        _MAGMA_LOOKUP = {int(k): i for i, k in enumerate(keys)}
+    return _MAGMA_LOOKUP
+
+
+def decode_png(path: str | Path) -> np.ndarray:
+    """A training PNG → the same ``(N_MELS, N_COLUMNS)`` uint8 matrix as ``window_matrix``."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"), dtype=np.int64)
+    if rgb.shape[:2] != (IMAGE_ROWS, N_COLUMNS):
+        raise ValueError(f"{path}: expected {N_COLUMNS}x{IMAGE_ROWS} image, got {rgb.shape[1]}x{rgb.shape[0]}")
+    keys = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    lookup = _magma_lookup()
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    try:
+        idx = np.array([lookup[int(k)] for k in uniq], dtype=np.int64)[inverse].reshape(keys.shape)
+    except KeyError as exc:
+        raise ValueError(f"{path}: pixel colour {exc.args[0]:06x} is not in the magma table") from None
+    idx = idx[::-1]  # row 0 = lowest frequency
+    out = np.empty((N_MELS, N_COLUMNS), dtype=np.uint8)
+    for band, rows in enumerate(band_rows()):
+        out[band] = np.rint(np.median(idx[rows], axis=0)).astype(np.uint8)
+    return out

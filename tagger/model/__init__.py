@@ -1,0 +1,1 @@
+"""The genre model: a DenseNet over the representation, its bundle, training and inference."""

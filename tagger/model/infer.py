@@ -1,0 +1,201 @@
+"""Batched inference over many files.
+
+Decoding is the slow, parallel part and the model wants full batches, so worker
+processes decode files into windows while the main process packs windows from
+any number of files into fixed-size batches. Queues are bounded (a few files in
+flight per worker), so memory stays flat however many files are classified.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import features
+from .bundle import Bundle, load_bundle
+
+DEFAULT_BATCH = 64
+DEFAULT_MAX_WINDOWS = 3
+
+
+@dataclass
+class Decoded:
+    """What a decode worker sends back: windows, or the one-line reason it could not."""
+
+    path: str
+    windows: np.ndarray | None
+    duration: float | None = None
+    codec: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Classification:
+    """Per-track result: every genre's probability (mean over windows), or an error."""
+
+    path: str
+    probabilities: dict[str, float] = field(default_factory=dict)
+    windows: int = 0
+    duration: float | None = None
+    codec: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def ranked(self) -> list[tuple[str, float]]:
+        return sorted(self.probabilities.items(), key=lambda kv: -kv[1])
+
+
+def decode_file(path: str, max_windows: int) -> Decoded:
+    """Worker entry point; never raises for a bad file."""
+    from .. import audio
+
+    try:
+        info = audio.probe(path)
+        x = audio.load_windows(path, max_windows)
+        return Decoded(path, x, info.duration, info.codec)
+    except audio.AudioError as exc:
+        return Decoded(path, None, error=str(exc))
+    except (OSError, ValueError, MemoryError) as exc:
+        return Decoded(path, None, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def _worker_init() -> None:
+    # Decoders are single-threaded per file; keep BLAS/FFT pools from multiplying.
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+class Classifier:
+    """Holds a loaded bundle and a decode pool; reused by ``scan`` and the daemon."""
+
+    def __init__(
+        self,
+        bundle: Bundle | str | Path | None = None,
+        *,
+        batch_size: int = DEFAULT_BATCH,
+        max_windows: int = DEFAULT_MAX_WINDOWS,
+        workers: int | None = None,
+    ):
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.batch_size = int(batch_size)
+        self.max_windows = int(max_windows)
+        self.workers = workers if workers is not None else max(1, (os.cpu_count() or 2) - 1)
+        self._pool: ProcessPoolExecutor | None = None
+
+    @property
+    def labels(self) -> list[str]:
+        return self.bundle.labels
+
+    def _executor(self) -> ProcessPoolExecutor | None:
+        if self.workers <= 0:
+            return None
+        if self._pool is None:
+            # forkserver: never fork a process that has a TensorFlow runtime in it.
+            ctx = mp.get_context("forkserver")
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init)
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> Classifier:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def predict_windows(self, x: np.ndarray) -> np.ndarray:
+        """Window probabilities, always called with full ``batch_size`` batches (padded)."""
+        model = self.bundle.model
+        out = []
+        for i in range(0, len(x), self.batch_size):
+            chunk = x[i : i + self.batch_size]
+            n = len(chunk)
+            if n < self.batch_size:
+                pad = np.zeros((self.batch_size - n, *chunk.shape[1:]), dtype=chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
+            out.append(np.asarray(model.predict_on_batch(chunk))[:n])
+        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+
+    def decoded(self, paths: Iterable[str | Path]) -> Iterator[Decoded]:
+        """Decode in worker processes, at most a few files ahead of the consumer."""
+        pool = self._executor()
+        if pool is None:
+            for p in paths:
+                yield decode_file(str(p), self.max_windows)
+            return
+        ahead = max(2, 2 * self.workers)
+        pending: deque[Future] = deque()
+        it = iter(paths)
+        for p in it:
+            pending.append(pool.submit(decode_file, str(p), self.max_windows))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            fut = pending.popleft()
+            yield fut.result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(decode_file, str(nxt), self.max_windows))
+
+    def classify(self, paths: Iterable[str | Path]) -> Iterator[Classification]:
+        """Results in input order; windows of many files share each full model batch."""
+        files: deque[Decoded] = deque()  # decoded, waiting for their windows' probabilities
+        todo = np.zeros((0, features.N_MELS, features.N_COLUMNS), dtype=np.uint8)  # not yet predicted
+        done = np.zeros((0, len(self.labels)), dtype=np.float32)  # predicted, not yet handed out
+
+        def ready(final: bool) -> Iterator[Classification]:
+            nonlocal todo, done
+            while len(todo) >= self.batch_size or (final and len(todo)):
+                n = min(self.batch_size, len(todo))
+                done = np.concatenate([done, self.predict_windows(todo[:n])])
+                todo = todo[n:]
+            while files:
+                d = files[0]
+                if d.error is not None or d.windows is None:
+                    files.popleft()
+                    yield Classification(d.path, error=d.error or "no windows")
+                    continue
+                n = len(d.windows)
+                if n > len(done):
+                    return
+                files.popleft()
+                p = done[:n].mean(axis=0)
+                done = done[n:]
+                probs = {g: float(v) for g, v in zip(self.labels, p, strict=True)}
+                yield Classification(d.path, probs, n, d.duration, d.codec)
+
+        for d in self.decoded(paths):
+            files.append(d)
+            if d.windows is not None and d.error is None:
+                todo = np.concatenate([todo, d.windows])
+                d.windows = d.windows[:, :0, :0]  # keep the count, free the pixels
+            yield from ready(final=False)
+        yield from ready(final=True)
+
+
+def classify(
+    paths: Iterable[str | Path],
+    *,
+    bundle: Bundle | str | Path | None = None,
+    batch_size: int = DEFAULT_BATCH,
+    max_windows: int = DEFAULT_MAX_WINDOWS,
+    workers: int | None = None,
+) -> list[Classification]:
+    """Per-track probabilities for every genre, for a list of files."""
+    with Classifier(bundle, batch_size=batch_size, max_windows=max_windows, workers=workers) as c:
+        return list(c.classify(paths))
+
+
+__all__ = ["Classification", "Classifier", "Decoded", "classify", "features"]
