@@ -207,5 +207,169 @@ def evaluate(ctx: Context, data, model_path, split, as_json, plot, max_windows) 
         sys.exit(EXIT_FAILURES)
 
 
+# --- library ---------------------------------------------------------------------
+
+
+def open_database(ctx: Context):
+    from .store.db import DatabaseLocked, open_db
+
+    cfg = ctx.config
+    try:
+        return open_db(cfg.database.resolved(), busy_timeout=cfg.database.busy_timeout)
+    except DatabaseLocked as exc:
+        fail(str(exc), EXIT_DB)
+    except Exception as exc:  # a corrupt or foreign file: say so, do not traceback
+        fail(f"database {cfg.database.resolved()}: {str(exc).splitlines()[0]}", EXIT_DB)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--dry-run", "-n", "--pretend", is_flag=True, help="Write nothing to files; show what would change (predictions are still recorded).")
+@click.option("--force", is_flag=True, help="Re-classify files even if unchanged since their last scan.")
+@click.option("--policy", type=click.Choice(["keep", "merge", "replace"]), default=None, help="What to do with a genre already in the file (default: [tags] policy).")
+@click.option("--top-k", type=click.IntRange(1), default=None, help="Write up to K genres.")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=None, help="Do not tag below this probability.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the summary and every file's outcome.")
+@pass_ctx
+def scan(ctx: Context, paths, dry_run, force, policy, top_k, min_confidence, as_json) -> None:
+    """Classify and tag the music under PATHS (default: [library] folders)."""
+    from .scan import run_scan
+
+    sys.exit(run_scan(ctx, paths, dry_run=dry_run, force=force, policy=policy, top_k=top_k, min_confidence=min_confidence, as_json=as_json))
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--all", "all_tracks", is_flag=True, help="Restore every file tagger has written to.")
+@click.option("--dry-run", "-n", is_flag=True, help="Show what would be restored.")
+@pass_ctx
+def restore(ctx: Context, paths, all_tracks, dry_run) -> None:
+    """Put back the genre files had before tagger wrote to them."""
+    from .library import Library, Options
+
+    if not paths and not all_tracks:
+        fail("give PATH... or --all")
+    db = open_database(ctx)
+    lib = Library(db, None, Options.from_config(ctx.config, dry_run=dry_run))
+    outcomes = lib.restore(None if all_tracks else list(paths))
+    failed = 0
+    for o in outcomes:
+        if o.action == "failed":
+            failed += 1
+        click.echo(f"{o.action:<14} {o.path}  {'; '.join(o.before)} -> {'; '.join(o.genres) or '(no genre)'}  {o.reason}".rstrip())
+    if not outcomes:
+        click.echo("nothing to restore")
+    sys.exit(EXIT_FAILURES if failed else EXIT_OK)
+
+
+@main.command()
+@click.option("--genre", help="Top genre (model label or written name, case-insensitive).")
+@click.option("--min-confidence", type=float, default=None)
+@click.option("--status", help="Track status: pending, classified, tagged, kept, failed, removed, missing.")
+@click.option("--path", "path_glob", help="Glob on the path, e.g. '*/Jazz/*'.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option("--limit", type=int, default=None)
+@pass_ctx
+def query(ctx: Context, genre, min_confidence, status, path_glob, fmt, limit) -> None:
+    """List tracks with their genre (read-only)."""
+    from .queries import query_tracks, render
+
+    db = open_database(ctx)
+    rows = query_tracks(db, genre=genre, min_confidence=min_confidence, status=status, path_glob=path_glob, limit=limit)
+    click.echo(render(rows, fmt), nl=False)
+
+
+@main.command()
+@click.argument("file", type=click.Path())
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def show(ctx: Context, file, as_json) -> None:
+    """Everything known about one file: probabilities, tag history (read-only)."""
+    from .queries import show_track
+
+    db = open_database(ctx)
+    info = show_track(db, str(Path(file).expanduser().absolute()))
+    if info is None:
+        fail(f"{file}: not in the database", EXIT_FAILURES)
+    if as_json:
+        click.echo(json.dumps(info, default=str))
+        return
+    click.echo(f"{info['path']}\n  status {info['status']}" + (f" ({info['last_error']})" if info["last_error"] else ""))
+    click.echo(f"  size {info['size']}  duration {info['duration'] or 0:.1f}s  format {info['format']}  last scanned {info['last_scanned']}")
+    for p in info["predictions"]:
+        click.echo(f"  model {p['model']} ({p['created_at']}): chosen {', '.join(p['chosen']) or '-'}")
+        for g, v in sorted(p["probabilities"].items(), key=lambda kv: -kv[1]):
+            click.echo(f"    {g:<12} {v:6.1%} {'#' * round(v * 40)}")
+    if info["tag_writes"]:
+        click.echo("  tag history:")
+        for w in info["tag_writes"]:
+            flags = " (dry run)" if w["dry_run"] else " (restored)" if w["restored"] else ""
+            click.echo(f"    {w['written_at']} {w['policy']}: {'; '.join(w['before']) or '(none)'} -> {'; '.join(w['after']) or '(none)'}{flags}  {w['reason'] or ''}".rstrip())
+
+
+@main.command()
+@click.option("--plot", type=click.Path(dir_okay=False), help="Draw the genre distribution to this PNG.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def stats(ctx: Context, plot, as_json) -> None:
+    """Tracks per genre and per status (read-only)."""
+    from .queries import plot_stats, track_stats
+
+    db = open_database(ctx)
+    st = track_stats(db)
+    if plot:
+        plot_stats(st, plot)
+    if as_json:
+        click.echo(json.dumps(st))
+        return
+    click.echo(f"{st['total']} tracks")
+    click.echo("by status:")
+    for k, v in st["by_status"].items():
+        click.echo(f"  {k:<12}{v:>8}")
+    click.echo("by top genre:")
+    for k, v in st["by_genre"].items():
+        click.echo(f"  {k:<12}{v:>8}")
+
+
+@main.group()
+def db() -> None:
+    """The genre database's schema."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+@pass_ctx
+def db_upgrade(ctx: Context, revision) -> None:
+    """Migrate the database to REVISION."""
+    from .store.db import DatabaseLocked, upgrade
+
+    path = ctx.config.database.resolved()
+    try:
+        rev = upgrade(path, revision, busy_timeout=ctx.config.database.busy_timeout)
+    except DatabaseLocked as exc:
+        fail(str(exc), EXIT_DB)
+    click.echo(f"{path}: at revision {rev}")
+
+
+@db.command("current")
+@pass_ctx
+def db_current(ctx: Context) -> None:
+    """Show the database's revision and the code's head revision."""
+    from .store.db import current
+
+    path = ctx.config.database.resolved()
+    if not path.exists():
+        fail(f"{path}: no database yet (any tagger command creates it)", EXIT_FAILURES)
+    rev, head = current(path)
+    click.echo(f"{path}: revision {rev} (head {head}){'' if rev == head else ' - run `tagger db upgrade`'}")
+
+
+@db.command("path")
+@pass_ctx
+def db_path(ctx: Context) -> None:
+    """Print where the database is (for `sqlite3 $(tagger db path)`)."""
+    click.echo(str(ctx.config.database.resolved()))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -29,6 +29,9 @@ class DenseNetConfig:
     dropout: float = 0.3
     bn_momentum: float = 0.9
     weight_decay: float = 1e-4
+    #: "gap": average over time and frequency; "freq": mean and max over time only,
+    #: keeping which bands are loud (genre lives there), then a dense layer.
+    head: str = "gap"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -66,6 +69,24 @@ class Levels(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mean": self.mean_values, "std": self.std_values}
+
+
+@keras.saving.register_keras_serializable(package="tagger")
+class TimePool(layers.Layer):
+    """Pool over the time axis only (any width), keeping frequency and channels."""
+
+    def __init__(self, mode: str = "mean", **kwargs):
+        super().__init__(**kwargs)
+        self.mode = mode
+
+    def call(self, x):
+        return ops.mean(x, axis=2) if self.mode == "mean" else ops.max(x, axis=2)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[1], input_shape[3])
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
 
 
 def _bn_relu(x, cfg: DenseNetConfig, name: str):
@@ -110,7 +131,11 @@ def build_densenet(
             x = _conv(channels, 1, cfg, f"{p}_conv")(x)
             x = layers.AveragePooling2D(2, name=f"{p}_pool")(x)
     x = _bn_relu(x, cfg, "final")
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    if cfg.head == "freq":
+        x = layers.Concatenate(name="time_pool")([TimePool("mean", name="time_mean")(x), TimePool("max", name="time_max")(x)])
+        x = layers.Flatten(name="flatten")(x)
+    else:
+        x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(cfg.dropout, name="dropout")(x)
     outputs = layers.Dense(n_classes, activation="softmax", name="genre", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)

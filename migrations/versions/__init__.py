@@ -1,0 +1,1 @@
+"""Alembic revision scripts (hand-written; keep them in step with tagger/store/models.py)."""

@@ -1,0 +1,200 @@
+"""``tagger scan``: one pass over a library, with progress and a summary.
+
+Each file's result is committed as soon as it is known, so Ctrl-C loses nothing
+that was done and the next scan carries on with what was not (the files not yet
+recorded still differ from the database).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from .library import FileStat, Library, Options, Outcome, walk
+
+log = logging.getLogger(__name__)
+
+
+class Reporter:
+    """A rich progress bar on a terminal, plain log lines elsewhere."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.total = total
+        self.done = 0
+        self.t0 = time.monotonic()
+        self.last_line = self.t0
+        self.quiet = quiet
+        self.bar = None
+        if not quiet and sys.stderr.isatty() and total:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("[bold]scanning"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]:.1f} tracks/s"),
+                TimeRemainingColumn(),
+                transient=True,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("scan", total=total, rate=0.0)
+
+    def rate(self) -> float:
+        return self.done / max(1e-9, time.monotonic() - self.t0)
+
+    def step(self, outcome: Outcome) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, rate=self.rate())
+            if outcome.action == "failed":
+                self.bar.console.print(f"[red]failed[/red] {outcome.path}: {outcome.reason}", highlight=False)
+            return
+        if self.quiet:
+            return
+        if outcome.action == "failed":
+            click.echo(f"failed {outcome.path}: {outcome.reason}", err=True)
+        now = time.monotonic()
+        if now - self.last_line >= 10 or self.done == self.total:
+            self.last_line = now
+            eta = (self.total - self.done) / max(self.rate(), 1e-9)
+            click.echo(f"{self.done}/{self.total} files, {self.rate():.1f} tracks/s, eta {eta:.0f}s", err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+SUMMARY_ORDER = ("tagged", "would-tag", "kept", "low-confidence", "unchanged", "changed", "failed")
+
+
+def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confidence, as_json: bool) -> int:
+    """Walk, classify, tag, record; returns the exit status (see ``tagger.cli``)."""
+    from .cli import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, fail, open_database
+    from .model.bundle import BundleError, load_bundle
+    from .model.infer import Classifier
+    from .store.db import DatabaseLocked
+
+    cfg = ctx.config
+    roots = [Path(p).expanduser().absolute() for p in paths] if paths else cfg.folders()
+    missing_roots = [r for r in roots if not r.exists()]
+    for r in missing_roots:
+        click.echo(f"tagger: {r}: no such file or folder", err=True)
+    roots = [r for r in roots if r.exists()]
+    if not roots:
+        fail("nothing to scan")
+    try:
+        bundle = load_bundle(cfg.model.path or None)
+    except BundleError as exc:
+        fail(str(exc))
+    db = open_database(ctx)
+    options = Options.from_config(cfg, policy=policy, top_k=top_k, min_confidence=min_confidence, dry_run=dry_run)
+    walk_errors: list[tuple[str, str]] = []
+    t0 = time.monotonic()
+    counts: Counter[str] = Counter()
+    outcomes: list[Outcome] = []
+    interrupted = False
+    classifier = Classifier(bundle, batch_size=cfg.model.batch_size, max_windows=cfg.model.max_windows, workers=cfg.model.workers or None)
+    library = Library(db, classifier, options)
+    reporter = None
+    try:
+        files: list[FileStat] = list(
+            walk(
+                roots,
+                include=cfg.library.include,
+                exclude=cfg.library.exclude,
+                follow_symlinks=cfg.library.follow_symlinks,
+                on_error=lambda p, why: walk_errors.append((p, why)),
+            )
+        )
+        for p, why in walk_errors:
+            click.echo(f"tagger: skipped {p}: {why}", err=True)
+        known = library.known()
+        todo, unchanged = library.changed(files, known, force=force)
+        counts["unchanged"] += unchanged
+        _mark_vanished(library, roots, known, {f.path for f in files}, walk_errors)
+        reporter = Reporter(len(todo), quiet=as_json)
+        for outcome in library.process(todo):
+            counts[outcome.action] += 1
+            outcomes.append(outcome)
+            reporter.step(outcome)
+    except KeyboardInterrupt:
+        interrupted = True
+    except DatabaseLocked as exc:
+        if reporter:
+            reporter.close()
+        classifier.close()
+        fail(str(exc), 3)
+    finally:
+        if reporter:
+            reporter.close()
+        classifier.close()
+        db.dispose()
+    elapsed = time.monotonic() - t0
+    processed = sum(v for k, v in counts.items() if k != "unchanged")
+    summary = {
+        "roots": [str(r) for r in roots],
+        "seconds": round(elapsed, 2),
+        "tracks_per_second": round(processed / elapsed, 2) if elapsed > 0 else None,
+        "counts": {k: counts.get(k, 0) for k in SUMMARY_ORDER},
+        "dry_run": dry_run,
+        "interrupted": interrupted,
+        "model": {"name": bundle.name, "sha256": bundle.sha256},
+        "skipped_paths": [{"path": p, "reason": r} for p, r in walk_errors],
+        "failures": [{"path": o.path, "reason": o.reason} for o in outcomes if o.action == "failed"],
+    }
+    if as_json:
+        summary["files"] = [o.to_json() for o in outcomes]
+        click.echo(json.dumps(summary))
+    else:
+        if dry_run:
+            for o in outcomes:
+                if o.action == "would-tag":
+                    click.echo(f"would tag {o.path}: {'; '.join(o.before) or '(no genre)'} -> {'; '.join(o.genres)} ({o.confidence:.0%})")
+        parts = ", ".join(f"{v} {k}" for k, v in summary["counts"].items() if v)
+        click.echo(f"{'interrupted: ' if interrupted else ''}{parts or 'nothing to do'} in {elapsed:.1f}s" + (f" ({summary['tracks_per_second']} tracks/s)" if processed else ""))
+        reasons = Counter(_reason_kind(f["reason"]) for f in summary["failures"])
+        for why, n in reasons.most_common():
+            click.echo(f"  {n} failed: {why}")
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILURES if counts["failed"] or walk_errors or missing_roots else EXIT_OK
+
+
+def _reason_kind(reason: str) -> str:
+    """Group failure reasons for the summary (paths and numbers stripped)."""
+    text = reason.split(": ", 1)[1] if reason.startswith("/") and ": " in reason else reason
+    return text[:80]
+
+
+def _mark_vanished(library: Library, roots: list[Path], known: dict, seen: set[str], walk_errors) -> None:
+    """Tracks under a scanned folder that are no longer there become ``missing``.
+
+    Folders that could not be read are left out, so an unreadable or unmounted
+    folder never turns a library into "missing".
+    """
+    from .store import repo
+
+    bad = tuple(p.rstrip("/") + "/" for p, _ in walk_errors)
+    prefixes = [str(r).rstrip("/") + "/" for r in roots if r.is_dir()]
+    if not prefixes:
+        return
+    gone = [
+        p
+        for p, (_, _, status) in known.items()
+        if status not in ("missing", "removed") and p not in seen and any(p.startswith(x) for x in prefixes) and not any(p.startswith(b) for b in bad)
+    ]
+    if gone:
+        with library.db.session() as s:
+            repo.mark_missing(s, gone)

@@ -1,0 +1,486 @@
+"""Genre tags on real files of every supported format.
+
+Files are made with ffmpeg from a 5-second excerpt of a shared GTZAN clip,
+given ordinary tags and cover art, then tagged through :mod:`tagger.tags` and
+read back with mutagen directly: genres as multiple values, the marker, every
+other tag and picture unchanged, the ID3 version kept, the decoded audio
+bit-identical.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import os
+import shutil
+import stat
+import struct
+import subprocess
+import tempfile
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mutagen.aiff import AIFF
+from mutagen.asf import ASF, ASFByteArrayAttribute
+from mutagen.flac import FLAC, Picture
+from mutagen.id3 import APIC, ID3, TALB, TIT2, TPE1, TSOP, TXXX, PictureType
+from mutagen.mp3 import MP3
+from mutagen.mp4 import MP4, MP4Cover
+from mutagen.oggopus import OggOpus
+from mutagen.oggvorbis import OggVorbis
+from mutagen.wave import WAVE
+
+from tagger.tags import (
+    GenreState,
+    Marker,
+    TagError,
+    decide,
+    read_state,
+    supported,
+    write_genres,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CLIPS = SHARED / "data" / "gtzan-audio-mini"
+SEP = "; "
+TAGS = {"title": "Test Title", "artist": "Test Artist", "album": "Test Älbum", "date": "2001"}
+
+
+def _png() -> bytes:
+    """A valid 1x1 PNG, built rather than pasted."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00"))
+        + chunk(b"IEND", b"")
+    )
+
+
+PNG = _png()
+
+# name: (extension, ffmpeg codec args, tag family, hand-set genre or None)
+FORMATS: dict[str, tuple[str, list[str], str, str | None]] = {
+    "mp3-v23": (
+        ".mp3",
+        ["-c:a", "libmp3lame", "-b:a", "64k", "-id3v2_version", "3"],
+        "id3",
+        "Blues",
+    ),
+    "mp3-v24": (
+        ".mp3",
+        ["-c:a", "libmp3lame", "-b:a", "64k", "-id3v2_version", "4"],
+        "id3",
+        "Blues",
+    ),
+    "flac": (".flac", ["-c:a", "flac"], "flac", "Blues"),
+    "ogg": (".ogg", ["-c:a", "libvorbis", "-q:a", "0"], "ogg", "Blues"),
+    "opus": (".opus", ["-c:a", "libopus", "-b:a", "32k"], "ogg", None),
+    "m4a-aac": (".m4a", ["-c:a", "aac", "-b:a", "64k"], "mp4", "Blues"),
+    "m4a-alac": (".m4a", ["-c:a", "alac"], "mp4", None),
+    "aiff": (".aiff", ["-write_id3v2", "1", "-id3v2_version", "4"], "id3", "Blues"),
+    "wav": (".wav", ["-c:a", "pcm_s16le"], "id3", None),  # ID3 chunk (v2.3) added below
+    "wma": (".wma", ["-c:a", "wmav2", "-b:a", "64k"], "asf", "Blues"),
+}
+ID3_CLASSES: dict[str, Any] = {".mp3": MP3, ".aiff": AIFF, ".wav": WAVE}
+
+
+def _ffmpeg(*args: str | Path) -> bytes:
+    cmd = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *map(str, args)]
+    return subprocess.run(cmd, check=True, capture_output=True).stdout
+
+
+def _audio_hash(path: Path) -> str:
+    """sha256 of the decoded first audio stream (cover art is a video stream to ffmpeg)."""
+    pcm = _ffmpeg("-i", path, "-map", "0:a:0", "-f", "s16le", "-")
+    assert len(pcm) > 100_000
+    return hashlib.sha256(pcm).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 5-second untagged WAV excerpt of a shared clip."""
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed")
+    clips = sorted(CLIPS.glob("*/*.flac")) if CLIPS.is_dir() else []
+    if not clips:
+        pytest.skip(f"shared audio clips not found under {CLIPS}")
+    out = tmp_path_factory.mktemp("src") / "source.wav"
+    _ffmpeg("-t", "5", "-i", clips[0], "-map_metadata", "-1", "-c:a", "pcm_s16le", out)
+    return out
+
+
+def _picture() -> Picture:
+    pic = Picture()
+    pic.type, pic.mime, pic.data = PictureType.COVER_FRONT, "image/png", PNG
+    pic.width, pic.height, pic.depth = 1, 1, 24
+    return pic
+
+
+def _add_art(path: Path, family: str) -> None:
+    """Cover art plus a few extra tags, added with mutagen the way a tagger would."""
+    if family == "id3":
+        cls = ID3_CLASSES[path.suffix]
+        f = cls(path, translate=False)
+        if f.tags is None:  # the WAV: ffmpeg wrote RIFF INFO only
+            f.add_tags()
+            f.tags.add(TIT2(encoding=1, text=[TAGS["title"]]))
+            f.tags.add(TPE1(encoding=1, text=[TAGS["artist"]]))
+            f.tags.add(TALB(encoding=1, text=[TAGS["album"]]))
+            f.tags.version = (2, 3, 0)
+        version = f.tags.version[1]
+        f.tags.add(
+            APIC(encoding=0, mime="image/png", type=PictureType.COVER_FRONT, desc="", data=PNG)
+        )
+        f.tags.add(TXXX(encoding=1, desc="MusicBrainz Album Id", text=["0000-1111"]))
+        # Off-spec in v2.3 but written by common taggers; must survive.
+        f.tags.add(TSOP(encoding=1, text=["Artist, Test"]))
+        kwargs: dict[str, Any] = {"v2_version": version, "v23_sep": None}
+        f.save(**kwargs)
+        return
+    if family == "flac":
+        f = FLAC(path)
+        pic = _picture()
+        f.add_picture(pic)
+        f["COMMENT"] = ["hand comment"]
+        f.save()
+    elif family == "ogg":
+        f = OggOpus(path) if path.suffix == ".opus" else OggVorbis(path)
+        pic = _picture()
+        f["METADATA_BLOCK_PICTURE"] = [base64.b64encode(pic.write()).decode("ascii")]
+        f["COMMENT"] = ["hand comment"]
+        f.save()
+    elif family == "mp4":
+        f = MP4(path)
+        f.tags["covr"] = [MP4Cover(PNG, imageformat=MP4Cover.FORMAT_PNG)]
+        f.tags["----:com.apple.iTunes:MusicBrainz Album Id"] = [b"0000-1111"]
+        f.save()
+    elif family == "asf":
+        f = ASF(path)
+        mime, desc = "image/png".encode("utf-16-le") + b"\0\0", b"\0\0"
+        blob = struct.pack("<bi", 3, len(PNG)) + mime + desc + PNG
+        f.tags["WM/Picture"] = [ASFByteArrayAttribute(blob)]
+        f.tags["WM/Composer"] = ["Test Composer"]
+        f.save()
+
+
+@pytest.fixture(scope="module")
+def make_base(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Build each format's tagged original once per module; tests work on copies."""
+    cache: dict[str, Path] = {}
+    folder = tmp_path_factory.mktemp("bases")
+
+    def make(name: str) -> Path:
+        if name not in cache:
+            ext, codec, family, genre = FORMATS[name]
+            out = folder / f"{name}{ext}"
+            meta = [a for k, v in TAGS.items() for a in ("-metadata", f"{k}={v}")]
+            if genre:
+                meta += ["-metadata", f"genre={genre}"]
+            _ffmpeg("-i", source, *codec, *meta, out)
+            _add_art(out, family)
+            cache[name] = out
+        return cache[name]
+
+    return make
+
+
+def _raw(path: Path, family: str) -> dict[str, Any]:
+    """What mutagen itself sees: genre values, marker, everything else, picture count."""
+    if family == "id3":
+        tags = ID3_CLASSES[path.suffix](path, translate=False).tags
+        genre_keys, marker_key = {"TCON"}, "TXXX:TAGGER_GENRE"
+        marker = tags[marker_key].text[0] if marker_key in tags else None
+        return {
+            "genres": list(tags["TCON"].text) if "TCON" in tags else [],
+            "marker": marker,
+            "others": sorted(
+                (k, repr(v)) for k, v in tags.items() if k not in genre_keys | {marker_key}
+            ),
+            "pictures": len(tags.getall("APIC")),
+            "version": tags.version,
+        }
+    if family in ("flac", "ogg"):
+        f = (
+            FLAC(path)
+            if family == "flac"
+            else (OggOpus(path) if path.suffix == ".opus" else OggVorbis(path))
+        )
+        pairs = list(f.tags)
+        skip = {"genre", "tagger_genre"}
+        pics = [(p.type, p.mime, p.data) for p in f.pictures] if family == "flac" else []
+        pics += [("mbp", v) for k, v in pairs if k.lower() == "metadata_block_picture"]
+        markers = [v for k, v in pairs if k.lower() == "tagger_genre"]
+        return {
+            "genres": [v for k, v in pairs if k.lower() == "genre"],
+            "marker": markers[0] if markers else None,
+            "others": sorted((k, v) for k, v in pairs if k.lower() not in skip) + pics,
+            "pictures": len(pics),
+            "version": None,
+        }
+    if family == "mp4":
+        tags = MP4(path).tags
+        key = "----:org.tagger:TAGGER_GENRE"
+        return {
+            "genres": list(tags.get("©gen", [])),
+            "marker": bytes(tags[key][0]).decode() if key in tags else None,
+            "others": sorted(
+                (k, repr(v)) for k, v in tags.items() if k not in {"©gen", "gnre", key}
+            ),
+            "pictures": len(tags.get("covr", [])),
+            "version": None,
+        }
+    tags = ASF(path).tags
+    return {
+        "genres": [str(v) for k, v in tags if k == "WM/Genre"],
+        "marker": next((str(v) for k, v in tags if k == "TAGGER/Genre"), None),
+        "others": sorted(
+            (k, type(v).__name__, repr(v.value))
+            for k, v in tags
+            if k not in {"WM/Genre", "TAGGER/Genre"}
+        ),
+        "pictures": sum(1 for k, _ in tags if k == "WM/Picture"),
+        "version": None,
+    }
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_policies_on_real_file(name: str, make_base: Callable[[str], Path], tmp_path: Path) -> None:
+    ext, _, family, hand_genre = FORMATS[name]
+    base = make_base(name)
+    path = tmp_path / f"track{ext}"
+    shutil.copyfile(base, path)
+    before = _raw(path, family)
+    audio_before = _audio_hash(path)
+    assert before["pictures"] == 1, "the test should have added cover art"
+    assert len(before["others"]) >= 4, "the test file should carry ordinary tags"
+    v23 = before["version"] == (2, 3, 0)
+    if name in ("mp3-v23", "wav"):
+        assert v23
+    elif family == "id3":
+        assert before["version"] == (2, 4, 0)
+
+    def check(genres: tuple[str, ...], marker: Marker | None) -> None:
+        raw = _raw(path, family)
+        want = ([SEP.join(genres)] if genres else []) if v23 else list(genres)
+        assert raw["genres"] == want
+        assert raw["marker"] == (marker.dumps() if marker else None)
+        assert raw["others"] == before["others"]
+        assert raw["version"] == before["version"]
+        state = read_state(path)
+        assert state == GenreState(genres, marker)
+        assert state.ours == (marker is not None)
+        assert not list(tmp_path.glob(".*tagger-tmp")), "temporary copy left behind"
+
+    # 1. What a person left in the file.
+    state = read_state(path)
+    original = (hand_genre,) if hand_genre else ()
+    assert state == GenreState(original, None)
+    assert not state.ours
+    kept, reason = decide(state, ["Rock", "Jazz"], "keep")
+    if hand_genre:
+        assert kept is None and "person" in reason
+    else:
+        assert kept == ("Rock", "Jazz")
+
+    # 2. merge: theirs first, then ours.
+    merged, _ = decide(state, ["rock", "Jazz", "blues"], "merge")
+    assert merged == ((hand_genre, "rock", "Jazz") if hand_genre else ("rock", "Jazz", "blues"))
+    m1 = Marker(merged, "model-a", 0.61)
+    write_genres(path, merged, m1)
+    check(merged, m1)
+
+    # 3. keep: a genre we wrote may be refreshed by a newer model.
+    refreshed, reason = decide(read_state(path), ["Metal", "Hard Rock"], "keep")
+    assert refreshed == ("Metal", "Hard Rock"), reason
+    m2 = Marker(refreshed, "model-b", 0.875)
+    write_genres(path, refreshed, m2)
+    check(refreshed, m2)
+    assert decide(read_state(path), ["metal", "hard rock"], "keep")[0] is None
+
+    # 4. replace.
+    replaced, _ = decide(read_state(path), ["Pop"], "replace")
+    assert replaced == ("Pop",)
+    write_genres(path, replaced, Marker(replaced, "model-b", 0.5))
+    check(replaced, Marker(replaced, "model-b", 0.5))
+
+    # 5. restore what the person had (removing the genre where there was none).
+    write_genres(path, original, None)
+    check(original, None)
+
+    assert _audio_hash(path) == audio_before
+    if ext == ".mp3":
+        assert path.read_bytes()[-128:-125] != b"TAG", "an ID3v1 tag was added"
+        assert path.read_bytes()[3] == (3 if v23 else 4)
+
+
+def test_id3v1_is_updated_not_added_or_removed(
+    make_base: Callable[[str], Path], tmp_path: Path
+) -> None:
+    path = tmp_path / "v1.mp3"
+    shutil.copyfile(make_base("mp3-v24"), path)
+    tags = ID3(path, translate=False)
+    tags.save(path, v1=2, v2_version=4)  # add an ID3v1 tag (genre Blues = 0)
+    assert path.read_bytes()[-128:-125] == b"TAG"
+    write_genres(path, ["Rock", "Jazz"], None)
+    data = path.read_bytes()
+    assert data[-128:-125] == b"TAG"
+    assert data[-1] == 17  # ID3v1 genre index of "Rock": kept in step with ID3v2
+    assert data[3] == 4
+    assert read_state(path).genres == ("Rock", "Jazz")
+
+
+def test_untagged_mp3_gets_id3v24(source: Path, tmp_path: Path) -> None:
+    path = tmp_path / "bare.mp3"
+    _ffmpeg("-i", source, "-t", "1", "-c:a", "libmp3lame", "-id3v2_version", "0", path)
+    assert path.read_bytes()[:3] != b"ID3"
+    assert read_state(path) == GenreState((), None)
+    write_genres(path, ["Rock", "Jazz"], Marker(("Rock", "Jazz"), "m", 1.0))
+    assert path.read_bytes()[:4] == b"ID3\x04"
+    assert ID3(path)["TCON"].text == ["Rock", "Jazz"]
+
+
+def test_symlink_target_and_mode_are_kept(make_base: Callable[[str], Path], tmp_path: Path) -> None:
+    target = tmp_path / "real.flac"
+    shutil.copyfile(make_base("flac"), target)
+    target.chmod(0o640)
+    link = tmp_path / "link.flac"
+    link.symlink_to(target)
+    write_genres(link, ["Rock"], None)
+    assert link.is_symlink()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert FLAC(target)["GENRE"] == ["Rock"]
+
+
+@contextlib.contextmanager
+def _as_nobody() -> Iterator[None]:
+    """Drop the effective uid (root only) so permission bits apply again."""
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_read_only_file_raises(make_base: Callable[[str], Path]) -> None:
+    # A world-writable directory: renaming over the file would succeed, so only an
+    # explicit check can refuse. Made with tempfile (not tmp_path) so that an
+    # unprivileged uid can reach it when the tests run as root.
+    folder = Path(tempfile.mkdtemp(prefix="tagger-ro-"))
+    try:
+        folder.chmod(0o777)
+        path = folder / "ro.flac"
+        shutil.copyfile(make_base("flac"), path)
+        path.chmod(0o444)
+        content = path.read_bytes()
+        identity = _as_nobody if os.geteuid() == 0 else contextlib.nullcontext
+        with identity():
+            try:
+                with path.open("r+b"):
+                    pass
+            except PermissionError:
+                pass
+            else:
+                pytest.skip("this environment lets us write to a 0o444 file")
+            assert read_state(path).genres == ("Blues",)  # reading is fine
+            with pytest.raises(TagError, match="permission denied"):
+                write_genres(path, ["Rock"], None)
+        assert path.read_bytes() == content
+        assert [p.name for p in folder.iterdir()] == ["ro.flac"]
+    finally:
+        shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("ext", [".mp3", ".flac", ".m4a", ".ogg", ".wma", ".wav"])
+def test_corrupt_file_raises(ext: str, tmp_path: Path) -> None:
+    path = tmp_path / f"broken{ext}"
+    content = b"this is not audio\n" * 200
+    path.write_bytes(content)
+    with pytest.raises(TagError) as info:
+        read_state(path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(TagError):
+        write_genres(path, ["Rock"], None)
+    assert path.read_bytes() == content
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_unsupported_and_missing(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    assert not supported(path)
+    assert all(supported(f"x{ext}") for ext, *_ in FORMATS.values())
+    assert supported("X.FLAC") and supported("a.opus") and supported("a.aif")
+    with pytest.raises(TagError, match="unsupported format"):
+        read_state(path)
+    with pytest.raises(TagError, match="no such file"):
+        read_state(tmp_path / "missing.flac")
+
+
+# --- decide(): pure policy logic --------------------------------------------------
+
+MINE = Marker(("Rock",), "old-model", 0.7)
+
+
+@pytest.mark.parametrize(
+    ("state", "ours", "policy", "expected"),
+    [
+        # keep
+        (GenreState((), None), ["Rock", "Jazz"], "keep", ("Rock", "Jazz")),
+        (GenreState(("Blues",), None), ["Rock"], "keep", None),
+        (GenreState(("Rock",), MINE), ["Metal"], "keep", ("Metal",)),
+        (GenreState(("rock",), MINE), ["Metal"], "keep", ("Metal",)),  # case aside, still ours
+        (GenreState(("Blues",), MINE), ["Metal"], "keep", None),  # a person changed ours
+        (GenreState(("Rock",), MINE), ["Rock"], "keep", None),  # nothing new
+        # merge
+        (
+            GenreState(("Blues", "Soul"), None),
+            ["soul", "Rock", "rock"],
+            "merge",
+            ("Blues", "Soul", "Rock"),
+        ),
+        (GenreState((), None), ["Rock"], "merge", ("Rock",)),
+        (GenreState(("Rock",), None), ["ROCK"], "merge", None),
+        # replace
+        (GenreState(("Blues",), None), ["Rock", " Jazz "], "replace", ("Rock", "Jazz")),
+        (GenreState(("Rock",), None), ["Rock"], "replace", None),
+        # nothing to write
+        (GenreState(("Blues",), None), ["", "  "], "replace", None),
+    ],
+)
+def test_decide(
+    state: GenreState, ours: list[str], policy: str, expected: tuple[str, ...] | None
+) -> None:
+    result, reason = decide(state, ours, policy)
+    assert result == expected
+    assert reason and "\n" not in reason
+
+
+def test_decide_rejects_unknown_policy() -> None:
+    with pytest.raises(ValueError, match="policy"):
+        decide(GenreState((), None), ["Rock"], "overwrite")
+
+
+def test_marker_round_trip_and_tolerance() -> None:
+    marker = Marker(("Rock", "Électro"), "densenet-v1", 0.123456789)
+    assert Marker.loads(marker.dumps()) == marker
+    assert " " not in marker.dumps()
+    for junk in (None, "", "Rock", "{}", '{"genres":"Rock","model":"m","confidence":1}', "[1,2]"):
+        assert Marker.loads(junk) is None
+    assert GenreState(("ROCK", "électro"), marker).ours
+    assert not GenreState(("Rock",), marker).ours
+    assert not GenreState(("Rock", "Électro"), None).ours
+
+
+def test_marker_must_match_genres(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="marker"):
+        write_genres(tmp_path / "x.flac", ["Rock"], Marker(("Jazz",), "m", 0.5))
