@@ -18,7 +18,9 @@ undecodable — is an :class:`AudioError` whose ``str()`` is one line.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,6 +61,10 @@ _RESAMPLE_MARGIN = 0.05
 _PREROLL = 0.5
 #: Offsets below this are reached by decoding from the start rather than seeking.
 _SEEK_MIN = 2.0
+#: Consecutive undecodable packets after which the rest of a file is given up.
+_MAX_BAD_PACKETS = 32
+#: Longest run of lost packets (s) kept as silence; a bigger jump is a bad timestamp.
+_MAX_GAP = 10.0
 
 
 class AudioError(Exception):
@@ -134,27 +140,33 @@ def load_windows(path: str | Path, max_windows: int) -> np.ndarray:
     (a truncated tail) are left out; the track fails only when none is left.
     """
     info = probe(path)
-    try:
-        plan = features.plan_windows(info.duration, max_windows)
-    except ValueError as exc:
-        raise AudioError(str(exc)) from None
+    plan = _plan(info.duration, max_windows)
     whole = info.duration <= features.WHOLE_TRACK_SECONDS
     mats: list[np.ndarray] = []
-    last: Exception | None = None
+    last: AudioError | None = None
     for start in plan.starts:
         try:
             if whole:
                 y = load(path)
-                # The header may promise more than a truncated file holds.
-                features.plan_windows(y.size / features.SAMPLE_RATE, 1)
+                _plan(y.size / features.SAMPLE_RATE, 1)  # the header may promise more
             else:
                 y = load(path, start, plan.length)
             mats.append(features.window_matrix(y))
-        except (AudioError, ValueError) as exc:  # SilentAudioError is a ValueError
+        except features.SilentAudioError as exc:
+            last = AudioError(str(exc))
+        except AudioError as exc:
             last = exc
     if not mats:
-        raise AudioError(str(last)) from None
+        raise last or AudioError("cannot decode: no audio data")
     return np.stack(mats)
+
+
+def _plan(duration: float, max_windows: int) -> features.WindowPlan:
+    """``features.plan_windows``, its refusal ("too short to classify …") as an AudioError."""
+    try:
+        return features.plan_windows(duration, max_windows)
+    except ValueError as exc:
+        raise AudioError(str(exc)) from None
 
 
 # --- shared helpers ------------------------------------------------------------
@@ -293,14 +305,25 @@ def _av_probe(p: Path) -> AudioInfo:
             duration = container.duration / av.time_base
         rate = int(ctx.sample_rate or 0)
         channels = int(ctx.channels or 0)
-        codec = ctx.codec.name.removesuffix("float").removesuffix("_fixed")  # mp3float → mp3
+        codec = ctx.codec.canonical_name  # "mp3", not the decoder's "mp3float"
         name = container.format.name.split(",")[0]
         fmt = "mp4" if name == "mov" else name
     if duration <= 0:  # the header does not say: count what decodes
-        x, native, _ = _av_read(p, 0.0, None)
-        duration = x.size / native if native else 0.0
+        samples, native = _av_count(p)
+        duration = samples / native if native else 0.0
         rate = rate or native
     return AudioInfo(duration, rate, channels, codec, fmt)
+
+
+def _av_count(p: Path) -> tuple[int, int]:
+    """Samples that decode, and their rate, without keeping them."""
+    container, stream = _av_open(p)
+    with container:
+        samples, rate = 0, 0
+        for frame in _frames(container, stream):
+            rate = rate or int(frame.sample_rate)
+            samples += frame.samples
+    return samples, rate
 
 
 def _frame_mono(frame: Any) -> np.ndarray:
@@ -325,36 +348,31 @@ def _av_read(
     Times are measured from the first decoded sample of the file, so a stretch read
     after a seek lines up with the same stretch of a full decode.
     """
-    import av
-
     container, stream = _av_open(p)
     with container:
-        frames = container.decode(stream)
-        try:
-            head = next(frames, None)
-        except (av.FFmpegError, OSError, ValueError, EOFError) as exc:
-            raise AudioError(f"cannot decode: {_reason(exc)}") from None
+        frames = _frames(container, stream)
+        head = next(frames, None)
         if head is None or not head.sample_rate:
             raise AudioError("cannot decode: no audio data")
         rate = int(head.sample_rate)
-        origin = head.time
+        clock = _Clock(head.time, stream.time_base, rate)
         first, hi = _span(offset, duration, rate)
-        hi = min(hi, _mp4_end(container, stream, origin))
+        hi = min(hi, _mp4_end(container, stream, head.time))
         lo = first / rate
-        if not seek or origin is None or lo - _PREROLL < _SEEK_MIN:
-            return _av_collect(frames, head, 0, first, hi, rate)
+        if not seek or head.time is None or lo - _PREROLL < _SEEK_MIN:
+            return _av_collect(frames, head, 0, first, hi, clock)
         for back in (_PREROLL, 5.0, 30.0):
             if lo - back <= 0:
                 break
-            seeked = _av_seek(container, stream, origin + lo - back)
+            seeked = _av_seek(container, stream, head.time + lo - back)
             if seeked is None:
                 break
-            frames, head = seeked
-            if head is None:  # past the end of what decodes
+            frames, landed = seeked
+            if landed is None:  # past the end of what decodes
                 return np.zeros(0, np.float32), rate, lo
-            if head.time is not None and head.time - origin <= lo:
-                pos = _position(head, origin, stream.time_base, rate)
-                return _av_collect(frames, head, pos, first, hi, rate)
+            at = clock.position(landed)
+            if at is not None and at <= first:
+                return _av_collect(frames, landed, at, first, hi, clock)
     # Seeking failed or kept landing late: decode from the start instead.
     return _av_read(p, offset, duration, seek=False)
 
@@ -372,19 +390,67 @@ def _mp4_end(container: Any, stream: Any, origin: float | None) -> float:
     return float((stream.duration + (stream.start_time or 0)) * tb) - origin
 
 
-def _position(frame: Any, origin: float, time_base: Any, rate: int) -> int:
-    """Sample index of ``frame`` counted from the file's first decoded sample.
+@dataclass(frozen=True)
+class _Clock:
+    """Turns frame timestamps into sample indices from the file's first decoded sample."""
 
-    Containers with coarse timestamps (ASF/WMA: milliseconds) are snapped to whole
-    frames when that is within the rounding, so a seek lands on the exact sample.
+    origin: float | None
+    time_base: Any
+    rate: int
+
+    @property
+    def slack(self) -> int:
+        """How far (samples) a timestamp may lead the sample count before it is a gap."""
+        tick = float(self.time_base) * self.rate if self.time_base else 0.0
+        return math.ceil(tick) + 2
+
+    def position(self, frame: Any) -> int | None:
+        """Sample index where ``frame`` starts, or ``None`` without timestamps.
+
+        Containers with coarse timestamps (ASF/WMA: milliseconds) are snapped to
+        whole frames when that is within the rounding, so a seek lands on the exact
+        sample.
+        """
+        if self.origin is None or frame.time is None:
+            return None
+        pos = (frame.time - self.origin) * self.rate
+        tick = float(self.time_base) * self.rate if self.time_base else 0.0
+        n = frame.samples
+        if tick > 1 and n > 0:
+            snapped = round(pos / n) * n
+            if abs(snapped - pos) <= tick + 1:  # both times were rounded
+                return snapped
+        return round(pos)
+
+
+def _frames(container: Any, stream: Any) -> Iterator[Any]:
+    """Decoded frames of ``stream``.
+
+    A corrupt packet (a damaged stretch of an MP3, say) is skipped, as FFmpeg's own
+    tools do; many in a row, or the demuxer failing (a truncated file), end the
+    stream quietly with what decoded so far.
     """
-    pos = (frame.time - origin) * rate
-    n = frame.samples
-    if time_base is not None and float(time_base) * rate > 1 and n > 0:
-        snapped = round(pos / n) * n
-        if abs(snapped - pos) <= float(time_base) * rate + 1:  # both times rounded
-            return snapped
-    return round(pos)
+    import av
+
+    errors = (av.FFmpegError, OSError, ValueError, EOFError)
+    packets = container.demux(stream)
+    bad = 0
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            return
+        except errors:
+            return
+        try:
+            decoded = packet.decode()
+        except errors:
+            bad += 1
+            if bad > _MAX_BAD_PACKETS:
+                return
+            continue
+        bad = 0
+        yield from decoded
 
 
 def _av_seek(container: Any, stream: Any, seconds: float) -> tuple[Any, Any] | None:
@@ -393,39 +459,43 @@ def _av_seek(container: Any, stream: Any, seconds: float) -> tuple[Any, Any] | N
 
     try:
         container.seek(int(seconds / stream.time_base), stream=stream, backward=True)
-        frames = container.decode(stream)
-        return frames, next(frames, None)
     except (av.FFmpegError, OSError, ValueError, EOFError):
         return None
+    frames = _frames(container, stream)
+    return frames, next(frames, None)
 
 
 def _av_collect(
-    frames: Any, head: Any, pos: int, first: int, hi: float, rate: int
+    frames: Iterator[Any], head: Any, pos: int, first: int, hi: float, clock: _Clock
 ) -> tuple[np.ndarray, int, float]:
     """Gather samples ``first`` … ``hi`` s; ``head`` is the frame at sample ``pos``.
 
     Positions are counted in samples from ``head`` rather than read from each
-    frame's timestamp (which can be rounded). A decoding error ends the stretch early.
+    frame's timestamp (which can be rounded), except where the timestamp jumps ahead
+    (frames lost to corruption): the audio goes back in its place and the gap stays
+    silent, so what follows still lines up with the file's timeline.
     """
-    import av
-
+    rate = clock.rate
     chunks: list[np.ndarray] = []
     stop = math.inf if math.isinf(hi) else math.ceil(hi * rate)
     got = 0
-    frame = head
-    while frame is not None and pos < stop:
+    for frame in itertools.chain([head], frames):
+        if pos >= stop:
+            break
+        at = clock.position(frame)
+        if at is not None and pos + clock.slack < at <= pos + _MAX_GAP * rate:
+            gap = at - max(pos, first)
+            if gap > 0:
+                chunks.append(np.zeros(gap, np.float32))
+                got += gap
+            pos = at
         n = frame.samples
         if n > 0 and frame.sample_rate == rate and pos + n > first:
-            mono = _frame_mono(frame)
-            chunks.append(mono[max(0, first - pos) :])
+            chunks.append(_frame_mono(frame)[max(0, first - pos) :])
             got += chunks[-1].size
         pos += n
-        try:
-            frame = next(frames, None)
-        except (av.FFmpegError, OSError, ValueError, EOFError):
-            break  # truncated or corrupt from here on: keep what decoded
     x = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-    start = max(first, pos - got)  # a gap before the stretch leaves it later
+    start = max(first, pos - got)
     if not math.isinf(stop):
         x = x[: max(0, int(stop - start))]
     return x, rate, start / rate

@@ -10,12 +10,17 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import helpers
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+# `tagger` from this checkout without `pip install -e .`; `helpers` whatever the
+# import mode (and if tests/ ever becomes a package).
+for _p in (str(ROOT), str(TESTS)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import helpers  # noqa: E402
 
 SHARED = helpers.SHARED
 
@@ -114,7 +119,14 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         lo = label * 32
         x[i, lo : lo + 32] += 150
     ds = Dataset(x, y, np.arange(n), [f"{labels[k]}/{i}" for i, k in enumerate(y)], labels)
-    cfg = TrainConfig(epochs=1, batch_size=16, crop=64, members=1, warmup_epochs=0, arch={"blocks": [1, 1], "growth": 4, "stem_filters": 8, "bottleneck": 2})
+    cfg = TrainConfig(
+        epochs=1,
+        batch_size=16,
+        crop=64,
+        members=1,
+        warmup_epochs=0,
+        arch={"blocks": [1, 1], "growth": 4, "stem_filters": 8, "bottleneck": 2},
+    )
     out = tmp_path_factory.mktemp("tiny-bundle")
     run_training(ds, ds, cfg, out, name="tiny-test", data_summary={"synthetic": True})
     return out

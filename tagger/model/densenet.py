@@ -40,7 +40,7 @@ class DenseNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DenseNetConfig:
-        d = dict(d)
+        d = {**cls().to_dict(), **d}
         d["blocks"] = tuple(d["blocks"])
         return cls(**d)
 

@@ -1,0 +1,112 @@
+"""``tagger scan`` on a library of 4-minute MP3s, and a no-change re-scan of 100,000 files.
+
+    python benchmarks/scan_library.py [--tracks 200] [--model BUNDLE] [--big 100000]
+
+Each scan runs the real CLI in a child process (``/usr/bin/time``-style peak RSS
+from ``resource.getrusage(RUSAGE_CHILDREN)``, which covers the decode workers).
+Prints figures; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _library import four_minute_mp3s  # noqa: E402
+
+
+def run_scan(config: Path, root: Path, *extra: str) -> tuple[dict, float, float]:
+    """One scan in a fresh process: (summary, wall seconds, peak RSS of it and its children in MB)."""
+    t = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "tagger.cli", "--config", str(config), "scan", "--json", str(root), *extra],
+        capture_output=True, text=True,
+    )
+    wall = time.perf_counter() - t
+    if proc.returncode not in (0, 1):
+        raise SystemExit(f"scan failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return json.loads(proc.stdout), wall, peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tracks", type=int, default=200)
+    ap.add_argument("--model", default="")
+    ap.add_argument("--big", type=int, default=100_000, help="files in the synthetic no-change tree (0: skip)")
+    ap.add_argument("--work", default=None, help="folder for generated files (kept between runs)")
+    args = ap.parse_args()
+    work = Path(args.work) if args.work else Path(tempfile.gettempdir()) / "tagger-bench-scan"
+    work.mkdir(parents=True, exist_ok=True)
+    files = four_minute_mp3s(work / "mp3", args.tracks)
+    lib = files[0].parents[1]
+    db = work / "scan.db"
+    for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        p.unlink(missing_ok=True)
+    config = work / "config.toml"
+    config.write_text(f'[database]\npath = "{db}"\n[model]\npath = "{args.model}"\n')
+    # The tags are rewritten by the first scan: start from pristine copies each run.
+    for f in files:
+        from mutagen.id3 import ID3
+
+        tags = ID3(f)
+        if tags.getall("TCON") or tags.getall("TXXX"):
+            tags.delall("TCON")
+            tags.delall("TXXX:TAGGER_GENRE")
+            tags.save(f)
+    print(f"{os.cpu_count()} CPUs; library: {len(files)} four-minute MP3s (192 kb/s) under {lib}")
+    s, wall, rss = run_scan(config, lib)
+    n = sum(v for k, v in s["counts"].items() if k != "unchanged")
+    print(f"first scan:     {n} tracks in {wall:.1f}s wall = {n / wall:.2f} tracks/s "
+          f"(scan's own rate {s['tracks_per_second']}/s), peak RSS {rss:.0f} MB; counts {s['counts']}")
+    s, wall, rss2 = run_scan(config, lib)
+    print(f"no-change scan: {s['counts']['unchanged']} unchanged in {wall:.2f}s wall "
+          f"(scan's own {s['seconds']}s), peak RSS {max(rss, rss2):.0f} MB so far")
+
+    if args.big:
+        big = work / "big"
+        big_db = work / "big.db"
+        marker = big / f".made-{args.big}"
+        if not marker.exists():
+            print(f"making {args.big} files...", flush=True)
+            payload = files[0].read_bytes()[:4096]
+            for i in range(args.big):
+                d = big / f"artist{i // 1000:03d}" / f"album{(i // 20) % 50:02d}"
+                if i % 20 == 0:
+                    d.mkdir(parents=True, exist_ok=True)
+                (d / f"{i:06d}.mp3").write_bytes(payload)
+            marker.touch()
+        for p in (big_db, Path(f"{big_db}-wal"), Path(f"{big_db}-shm")):
+            p.unlink(missing_ok=True)
+        big_cfg = work / "big.toml"
+        big_cfg.write_text(f'[database]\npath = "{big_db}"\n[model]\npath = "{args.model}"\n')
+        subprocess.run([sys.executable, "-m", "tagger.cli", "--config", str(big_cfg), "db", "upgrade"], check=True, capture_output=True)
+        con = sqlite3.connect(big_db)
+        rows = []
+        for root, _dirs, names in os.walk(big):
+            for name in names:
+                if name.endswith(".mp3"):
+                    p = os.path.join(root, name)
+                    st = os.stat(p)
+                    rows.append((p, st.st_size, st.st_mtime, "tagged"))
+        con.executemany(
+            "INSERT INTO tracks (path, size, mtime, status, first_seen, updated_at) VALUES (?, ?, ?, ?, datetime('now'), datetime('now'))", rows
+        )
+        con.commit()
+        con.close()
+        s, wall, rss3 = run_scan(big_cfg, big)
+        print(f"no-change re-scan of {s['counts']['unchanged']} files already in the database: "
+              f"{s['seconds']:.2f}s inside scan, {wall:.2f}s wall including start-up; peak RSS {max(rss, rss2, rss3):.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

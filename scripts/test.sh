@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up a fresh machine and run the test suite: a virtual environment in .venv with
+# tagger and its test tools, then pytest. ffmpeg (Debian package) is needed by the
+# tests that convert audio; they skip without it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q '.[test]'
+.venv/bin/python -m pytest "$@"
