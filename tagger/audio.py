@@ -1,14 +1,15 @@
 """Any audio file → mono float32 at ``features.SAMPLE_RATE``, or one clear error.
 
-Two decoders cover the formats a music library holds:
+Two decoders cover the formats a music library holds, chosen by the file's first
+bytes rather than its name:
 
 - libsndfile (through ``soundfile``) for WAV, AIFF, FLAC, Ogg Vorbis and Opus: it
   seeks sample-accurately and decodes exactly what ``librosa.load`` decodes, so the
   GTZAN clips behind the training images are reproduced bit for bit;
-- PyAV (FFmpeg) for everything else: MP3, M4A (AAC, ALAC), WMA, … MP3 goes here
-  too although libsndfile reads it: libsndfile trusts a VBR file's first frame for
-  its length (and silently stops there when there is no Xing header) and prints
-  mpg123 warnings to stderr.
+- PyAV (FFmpeg) for everything else, and for whatever libsndfile refuses: MP3, M4A
+  (AAC, ALAC), WMA, … MP3 goes here although libsndfile reads it: libsndfile takes
+  a VBR file's length from its first frame (and silently stops there when there is
+  no Xing header), and its mpg123 prints warnings to stderr.
 
 Only the stretch asked for is decoded (seek first), so three 30-second windows of a
 two-hour file cost about as much as one 30-second clip. Resampling is ``soxr`` 'HQ',
@@ -32,24 +33,20 @@ from tagger import features
 if TYPE_CHECKING:
     import soundfile
 
-#: Extensions libsndfile is tried on first; anything else goes straight to PyAV.
-_SOUNDFILE_SUFFIXES = frozenset(
-    {
-        ".wav",
-        ".wave",
-        ".aif",
-        ".aiff",
-        ".aifc",
-        ".flac",
-        ".ogg",
-        ".oga",
-        ".opus",
-        ".caf",
-        ".w64",
-        ".rf64",
-        ".au",
-        ".snd",
-    }
+#: File signatures handed to libsndfile (WAV/RF64, AIFF, FLAC, Ogg, CAF, W64, AU);
+#: anything else goes straight to PyAV. Sniffing rather than trusting the suffix
+#: also keeps libsndfile's MP3 decoder (and its stderr chatter) off junk files.
+_SOUNDFILE_MAGIC = (
+    b"RIFF",
+    b"RIFX",
+    b"RF64",
+    b"BW64",
+    b"FORM",
+    b"fLaC",
+    b"OggS",
+    b"caff",
+    b"riff",
+    b".snd",
 )
 #: Frames per libsndfile read: a corrupt block loses at most this much.
 _SF_BLOCK = 1 << 15
@@ -225,7 +222,12 @@ def _reason(exc: BaseException) -> str:
 
 def _open_soundfile(p: Path) -> soundfile.SoundFile | None:
     """An open ``SoundFile`` when libsndfile should decode ``p``, else ``None`` (use PyAV)."""
-    if p.suffix.lower() not in _SOUNDFILE_SUFFIXES:
+    try:
+        with p.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise AudioError(f"cannot read: {exc.strerror or exc}") from None
+    if magic not in _SOUNDFILE_MAGIC:
         return None
     import soundfile as sf
 
@@ -310,7 +312,9 @@ def _av_probe(p: Path) -> AudioInfo:
         fmt = "mp4" if name == "mov" else name
     if duration <= 0:  # the header does not say: count what decodes
         samples, native = _av_count(p)
-        duration = samples / native if native else 0.0
+        if not samples:
+            raise AudioError("cannot decode: no audio data")
+        duration = samples / native
         rate = rate or native
     return AudioInfo(duration, rate, channels, codec, fmt)
 

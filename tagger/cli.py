@@ -44,7 +44,18 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
 pass_ctx = click.make_pass_decorator(Context)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Ctrl-C exits with status 130 wherever it lands (click alone says "Aborted!" and exits 1)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("tagger: interrupted", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_file", envvar="TAGGER_CONFIG", type=click.Path(dir_okay=False), help="config.toml to use (also $TAGGER_CONFIG).")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.version_option(package_name="tagger")
@@ -79,8 +90,9 @@ def main(ctx: click.Context, config_file: str | None, verbose: int) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/model", show_default=True, help="Bundle directory (checkpoints inside; rerun to resume).")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, help="Feature cache for audio folders (default: OUT/../feature-cache).")
 @click.option("--name", default=None, help="Model name recorded in the bundle.")
+@click.option("--jobs", type=click.IntRange(1), default=1, show_default=True, help="Members trained in parallel processes (one thread each).")
 @pass_ctx
-def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, members, crop, batch_size, learning_rate, patience, seed, arch_json, out_dir, cache_dir, name) -> None:
+def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, members, crop, batch_size, learning_rate, patience, seed, arch_json, out_dir, cache_dir, name, jobs) -> None:
     """Train a genre model on DATA (PNG layout or <genre>/ audio folders)."""
     import numpy as np
 
@@ -129,11 +141,14 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
     click.echo(f"training on {tr.n_clips} clips ({len(tr.x)} windows), validating on {va.n_clips if va else 0}; {cfg.members} member(s) x {cfg.epochs} epochs", err=True)
 
     def progress(row: dict) -> None:
+        if row.get("finished"):
+            click.echo(f"member {row['member']} finished", err=True)
+            return
         val = f"  valid {row['val_accuracy']:.1%} (best {row['best']:.1%})" if "val_accuracy" in row else ""
         click.echo(f"member {row['member']} epoch {row['epoch']:>3}/{row['epochs']}  loss {row['loss']:.3f}  lr {row['lr']:.2e}{val}  {row['seconds']:.1f}s", err=True)
 
     summary = {"source": str(root.resolve()), "train": tr.summary(), "valid": va.summary() if va else None}
-    bundle, metrics = run_training(tr, va, cfg, out, name=name or out.name, data_summary=summary, progress=progress)
+    bundle, metrics = run_training(tr, va, cfg, out, name=name or out.name, data_summary=summary, progress=progress, jobs=jobs)
     click.echo(f"saved {bundle.path} (sha256 {bundle.sha256[:12]})")
     if "valid" in metrics:
         click.echo(f"valid accuracy {metrics['valid']['accuracy']:.2%} on {metrics['valid']['n']} clips")

@@ -11,8 +11,11 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import signal
 import stat as statmod
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +37,27 @@ log = logging.getLogger(__name__)
 
 #: Names that are never music, whatever their extension: OS and NAS droppings.
 SYSTEM_NAMES = frozenset({"desktop.ini", "thumbs.db", "@eadir", "$recycle.bin", "lost+found", "system volume information", "#recycle", "#snapshot"})
+
+
+@contextmanager
+def _interrupt_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) until the block is done, then deliver it.
+
+    Around a tag write and the database row that records it: an interrupt between
+    the two would leave a file that tagger changed with no record of the change
+    (so ``restore`` could not undo it). Outside the main thread this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # signals go to the main thread; a handler set outside Python cannot be put back
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)
 
 
 @dataclass(frozen=True)
@@ -207,6 +231,9 @@ class Library:
         path = result.path
         if not result.ok:
             with self.db.session() as s:
+                # The size and mtime that failed, so an unchanged broken file is not retried
+                # on every scan but a replaced one is.
+                repo.upsert_track(s, path, size=seen.size, mtime=seen.mtime, status=TRACK_FAILED)
                 repo.mark_failed(s, path, result.error or "unknown error")
             return Outcome(path, "failed", reason=result.error or "")
         try:
@@ -225,7 +252,9 @@ class Library:
         ext = Path(path).suffix.lower().lstrip(".")
         model_id = self.model_id
         with self.db.session() as s:
-            track = repo.upsert_track(s, path, size=st.st_size, mtime=st.st_mtime, duration=result.duration, format=ext, status=TRACK_CLASSIFIED)
+            # Pending until the outcome below is recorded: a scan interrupted in between, or a
+            # dry run that would write, leaves the file for the next scan to take again.
+            track = repo.upsert_track(s, path, size=st.st_size, mtime=st.st_mtime, duration=result.duration, format=ext, status=TRACK_PENDING)
             repo.record_prediction(s, track.id, model_id, result.probabilities, list(genres), result.windows)
             track_id = track.id
         if not genres:
@@ -251,17 +280,18 @@ class Library:
                 repo.record_tag_write(s, track_id, policy=opts.policy, before=list(state.genres), after=list(new), reason=why, model_id=model_id, dry_run=True)
             return Outcome(path, "would-tag", new, state.genres, top, why)
         marker = tags.Marker(tuple(new), self.classifier.bundle.sha256[:12] if self.classifier else "", round(top, 4))
-        try:
-            tags.write_genres(path, new, marker, separator=opts.separator)
-        except tags.TagError as exc:
+        with _interrupt_deferred():  # the write and its record go together
+            try:
+                tags.write_genres(path, new, marker, separator=opts.separator)
+            except tags.TagError as exc:
+                with self.db.session() as s:
+                    repo.set_status(s, path, TRACK_CLASSIFIED, error=f"tag write failed: {exc}")
+                return Outcome(path, "failed", new, state.genres, top, f"tag write failed: {exc}")
+            st = os.stat(path)
             with self.db.session() as s:
-                repo.set_status(s, path, TRACK_CLASSIFIED, error=f"tag write failed: {exc}")
-            return Outcome(path, "failed", new, state.genres, top, f"tag write failed: {exc}")
-        st = os.stat(path)
-        with self.db.session() as s:
-            repo.upsert_track(s, path, size=st.st_size, mtime=st.st_mtime, status=TRACK_TAGGED)
-            repo.set_status(s, path, TRACK_TAGGED)
-            repo.record_tag_write(s, track_id, policy=opts.policy, before=list(state.genres), after=list(new), reason=why, model_id=model_id)
+                repo.upsert_track(s, path, size=st.st_size, mtime=st.st_mtime, status=TRACK_TAGGED)
+                repo.set_status(s, path, TRACK_TAGGED)
+                repo.record_tag_write(s, track_id, policy=opts.policy, before=list(state.genres), after=list(new), reason=why, model_id=model_id)
         return Outcome(path, "tagged", new, state.genres, top, why)
 
     def process(self, files: list[FileStat]) -> Iterator[Outcome]:
@@ -304,17 +334,18 @@ class Library:
                 continue
             before = tuple(first.genres_before or ())
             if not self.options.dry_run:
-                try:
-                    tags.write_genres(path, before, None, separator=self.options.separator)
-                except tags.TagError as exc:
-                    out.append(Outcome(path, "failed", reason=str(exc)))
-                    continue
-                st = os.stat(path)
-                with self.db.session() as s:
-                    repo.upsert_track(s, path, size=st.st_size, mtime=st.st_mtime, status=TRACK_CLASSIFIED)
-                    for w in writes:
-                        repo.mark_restored(s, w.id)
-                    repo.record_tag_write(s, track.id, policy="restore", before=list(state.genres), after=list(before), reason="restored the genre from before tagger")
+                with _interrupt_deferred():
+                    try:
+                        tags.write_genres(path, before, None, separator=self.options.separator)
+                    except tags.TagError as exc:
+                        out.append(Outcome(path, "failed", reason=str(exc)))
+                        continue
+                    st = os.stat(path)
+                    with self.db.session() as s:
+                        repo.upsert_track(s, path, size=st.st_size, mtime=st.st_mtime, status=TRACK_CLASSIFIED)
+                        for w in writes:
+                            repo.mark_restored(s, w.id)
+                        repo.record_tag_write(s, track.id, policy="restore", before=list(state.genres), after=list(before), reason="restored the genre from before tagger")
             out.append(Outcome(path, "restored" if not self.options.dry_run else "would-restore", before, state.genres))
         return out
 

@@ -124,6 +124,9 @@ def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confi
         todo, unchanged = library.changed(files, known, force=force)
         counts["unchanged"] += unchanged
         _mark_vanished(library, roots, known, {f.path for f in files}, walk_errors)
+        if todo:
+            # Register the model now: a locked database fails here, before anything is decoded.
+            _ = library.model_id
         reporter = Reporter(len(todo), quiet=as_json)
         for outcome in library.process(todo):
             counts[outcome.action] += 1
@@ -142,7 +145,7 @@ def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confi
         classifier.close()
         db.dispose()
     elapsed = time.monotonic() - t0
-    processed = sum(v for k, v in counts.items() if k != "unchanged")
+    processed = len(outcomes)  # not counts: "unchanged" also counts the files skipped unopened
     summary = {
         "roots": [str(r) for r in roots],
         "seconds": round(elapsed, 2),

@@ -170,6 +170,17 @@ def test_offset_and_duration_cut_the_same_stretch_as_a_full_decode(fmt, synth_st
     assert "no audio" in one_line(exc, path)
 
 
+def test_format_is_sniffed_not_taken_from_the_name(synth_stereo, make_audio, tmp_path):
+    flac_as_mp3 = tmp_path / "really-flac.mp3"
+    flac_as_mp3.write_bytes(make_audio(synth_stereo, "flac").read_bytes())
+    assert probe(flac_as_mp3).codec == "flac"
+    np.testing.assert_allclose(load(flac_as_mp3), native_mono(synth_stereo), atol=1e-4)
+    mp3_as_wav = tmp_path / "really-mp3.wav"
+    mp3_as_wav.write_bytes(make_audio(synth_stereo, "mp3").read_bytes())
+    assert probe(mp3_as_wav).codec == "mp3"
+    assert load(mp3_as_wav).size == load(make_audio(synth_stereo, "mp3")).size
+
+
 # --- real clips (../shared) -------------------------------------------------------
 
 
