@@ -86,13 +86,15 @@ def main(ctx: click.Context, config_file: str | None, verbose: int) -> None:
 @click.option("--learning-rate", type=float, default=None)
 @click.option("--patience", type=int, default=None, help="Early stopping: epochs without a better valid accuracy.")
 @click.option("--seed", type=int, default=None)
+@click.option("--mixup", type=float, default=None, help="Mixup alpha (0 turns mixup off).")
+@click.option("--masks/--no-masks", default=True, help="SpecAugment time and frequency masks.")
 @click.option("--arch", "arch_json", default=None, help='DenseNet settings as JSON, e.g. \'{"blocks": [4, 4, 4], "growth": 12}\'.')
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/model", show_default=True, help="Bundle directory (checkpoints inside; rerun to resume).")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, help="Feature cache for audio folders (default: OUT/../feature-cache).")
 @click.option("--name", default=None, help="Model name recorded in the bundle.")
 @click.option("--jobs", type=click.IntRange(1), default=1, show_default=True, help="Members trained in parallel processes (one thread each).")
 @pass_ctx
-def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, members, crop, batch_size, learning_rate, patience, seed, arch_json, out_dir, cache_dir, name, jobs) -> None:
+def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, members, crop, batch_size, learning_rate, patience, seed, arch_json, out_dir, cache_dir, name, jobs, mixup, masks) -> None:
     """Train a genre model on DATA (PNG layout or <genre>/ audio folders)."""
     import numpy as np
 
@@ -100,9 +102,11 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
     from .model.train import TrainConfig, run_training
 
     cfg = TrainConfig()
-    for key, value in {"epochs": epochs, "members": members, "crop": crop, "batch_size": batch_size, "learning_rate": learning_rate, "patience": patience, "seed": seed}.items():
+    for key, value in {"epochs": epochs, "members": members, "crop": crop, "batch_size": batch_size, "learning_rate": learning_rate, "patience": patience, "seed": seed, "mixup_alpha": mixup}.items():
         if value is not None:
             setattr(cfg, key, value)
+    if not masks:
+        cfg.time_masks = cfg.freq_masks = 0
     if arch_json:
         try:
             cfg.arch = json.loads(arch_json)
@@ -344,6 +348,37 @@ def stats(ctx: Context, plot, as_json) -> None:
     click.echo("by top genre:")
     for k, v in st["by_genre"].items():
         click.echo(f"  {k:<12}{v:>8}")
+
+
+# --- daemon ----------------------------------------------------------------------
+
+
+@main.command()
+@pass_ctx
+def serve(ctx: Context) -> None:
+    """Watch [library] folders and tag new and changed music (foreground; systemd runs this).
+
+    SIGTERM/SIGINT stop it (exit 0), SIGHUP re-reads the config file. Logs go to stderr.
+    """
+    from tagger_service import serve as run_daemon
+
+    sys.exit(run_daemon(ctx.config, verbose=ctx.verbose))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--errors", type=click.IntRange(0), default=10, show_default=True, help="How many recent errors to show.")
+@pass_ctx
+def status(ctx: Context, as_json, errors) -> None:
+    """The daemon's queue, in-flight jobs, counts, recent errors and rate (read-only)."""
+    from tagger_service.status import collect, render
+
+    db = open_database(ctx)
+    try:
+        st = collect(db, errors=errors)
+    finally:
+        db.dispose()
+    click.echo(json.dumps(st) if as_json else render(st), nl=as_json)
 
 
 @main.group()

@@ -132,9 +132,12 @@ class EMA:
         self.model = model
         self.momentum = momentum
         self.shadow = [np.array(v.numpy()) for v in model.trainable_variables]
+        self.steps = 0
 
     def update(self) -> None:
-        m = self.momentum
+        # Warm-up: early on, the average would be mostly the random initialisation.
+        self.steps += 1
+        m = min(self.momentum, (1 + self.steps) / (10 + self.steps))
         for s, v in zip(self.shadow, self.model.trainable_variables, strict=True):
             s *= m
             s += (1 - m) * np.asarray(v.numpy())
