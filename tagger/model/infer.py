@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -72,6 +73,9 @@ def decode_file(path: str, max_windows: int) -> Decoded:
 def _worker_init() -> None:
     # Decoders are single-threaded per file; keep BLAS/FFT pools from multiplying.
     os.environ["OMP_NUM_THREADS"] = "1"
+    # Ctrl-C is the parent's to handle: it shuts the pool down; a worker that died
+    # of it would only print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Classifier:
