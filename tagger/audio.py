@@ -330,8 +330,18 @@ def _av_count(p: Path) -> tuple[int, int]:
     return samples, rate
 
 
+#: Planar sample formats read straight from the frame's buffers.
+_PLANAR = {"fltp": np.float32}
+
+
 def _frame_mono(frame: Any) -> np.ndarray:
     """One decoded frame → mono float32 (mean of channels, like ``librosa.to_mono``)."""
+    planar = _PLANAR.get(frame.format.name)
+    if planar is not None:  # the common case (MP3, AAC, WMA decode to fltp): no copies per channel
+        n = frame.samples
+        planes = [np.frombuffer(p, planar, count=n) for p in frame.planes]
+        if planar is np.float32:
+            return planes[0].copy() if len(planes) == 1 else np.mean(planes, axis=0, dtype=np.float32)
     a = frame.to_ndarray()
     n_ch = max(1, frame.layout.nb_channels)
     if not frame.format.is_planar:

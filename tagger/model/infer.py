@@ -92,7 +92,7 @@ class Classifier:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.batch_size = int(batch_size)
         self.max_windows = int(max_windows)
-        self.workers = workers if workers is not None else max(1, (os.cpu_count() or 2) - 1)
+        self.workers = workers if workers is not None else max(1, os.cpu_count() or 1)
         self._pool: ProcessPoolExecutor | None = None
 
     @property
