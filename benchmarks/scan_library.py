@@ -47,7 +47,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.gettempdir()) / "tagger-bench-scan"
     work.mkdir(parents=True, exist_ok=True)
-    files = four_minute_mp3s(work / "mp3", args.tracks)
+    files = four_minute_mp3s(work / "mp3", max(1, args.tracks))
     lib = files[0].parents[1]
     db = work / "scan.db"
     for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
@@ -63,6 +63,14 @@ def main() -> None:
             tags.delall("TCON")
             tags.delall("TXXX:TAGGER_GENRE")
             tags.save(f)
+    rss = rss2 = 0.0
+    if args.tracks:
+        rss, rss2 = library_scans(config, lib, files)
+    if args.big:
+        big_scan(args, work, files, rss, rss2)
+
+
+def library_scans(config: Path, lib: Path, files: list[Path]) -> tuple[float, float]:
     print(f"{os.cpu_count()} CPUs; library: {len(files)} four-minute MP3s (192 kb/s) under {lib}")
     s, wall, rss = run_scan(config, lib)
     n = sum(v for k, v in s["counts"].items() if k != "unchanged")
@@ -71,8 +79,11 @@ def main() -> None:
     s, wall, rss2 = run_scan(config, lib)
     print(f"no-change scan: {s['counts']['unchanged']} unchanged in {wall:.2f}s wall "
           f"(scan's own {s['seconds']}s), peak RSS {max(rss, rss2):.0f} MB so far")
+    return rss, rss2
 
-    if args.big:
+
+def big_scan(args, work: Path, files: list[Path], rss: float, rss2: float) -> None:
+    if True:
         big = work / "big"
         big_db = work / "big.db"
         marker = big / f".made-{args.big}"
@@ -99,7 +110,9 @@ def main() -> None:
                     st = os.stat(p)
                     rows.append((p, st.st_size, st.st_mtime, "tagged"))
         con.executemany(
-            "INSERT INTO tracks (path, size, mtime, status, first_seen, updated_at) VALUES (?, ?, ?, ?, datetime('now'), datetime('now'))", rows
+            "INSERT INTO tracks (path, size, mtime, status, first_seen, last_scanned, updated_at) "
+            "VALUES (?, ?, ?, ?, datetime('now'), datetime('now'), datetime('now'))",
+            rows,
         )
         con.commit()
         con.close()

@@ -194,9 +194,22 @@ class Daemon:
         from tagger.model.infer import Classifier
 
         cfg = self.cfg
+        # Decode processes must not outlive the daemon (see decoders.py).
+        with contextlib.suppress(Exception):
+            import multiprocessing
+
+            multiprocessing.get_context("forkserver").set_forkserver_preload(["__main__", f"{__package__}.decoders"])
         bundle = load_bundle(cfg.model.path or None)
         clf = Classifier(bundle, batch_size=cfg.daemon.batch_size, max_windows=cfg.model.max_windows, workers=cfg.model.workers or None)
         clf.predict_windows(np.zeros((1, features.N_MELS, features.N_COLUMNS), dtype=np.uint8))  # load + trace now
+        # Start and warm the decode processes now rather than on the first file (seconds).
+        with contextlib.suppress(Exception):
+            from .decoders import warm_up
+
+            pool = clf._executor()
+            if pool is not None:
+                for _ in range(clf.workers):
+                    pool.submit(warm_up)
         try:
             import tensorflow as tf
 
@@ -558,7 +571,8 @@ class Daemon:
         return code
 
     def _flush_settling(self) -> None:
-        """Files still settling are queued to run once settled: a restart finds them."""
+        """Files still settling that differ from the database (not our own tag writes) are
+        queued to run once settled, so a restart finds them even before its scan."""
         assert self.settler is not None and self.db is not None
         with self.settler._lock:
             paths = list(self.settler._cands)
@@ -566,10 +580,19 @@ class Daemon:
         if not paths:
             return
         try:
-            with self.db.session() as s:
-                for p in paths:
-                    jobs.enqueue(s, p, "classify", delay=self.cfg.daemon.settle_seconds)
-            log.info("queued %d files that were still settling", len(paths))
+            files = []
+            for p in paths:
+                with contextlib.suppress(OSError):
+                    st = os.stat(p)
+                    files.append(FileStat(p, st.st_size, st.st_mtime))
+            with self.db.session(write=False) as s:
+                known = queue.known_for(s, [f.path for f in files])
+            todo, _ = Library.changed(files, known)
+            if todo:
+                with self.db.session() as s:
+                    for f in todo:
+                        jobs.enqueue(s, f.path, "classify", delay=self.cfg.daemon.settle_seconds)
+                log.info("queued %d files that were still settling", len(todo))
         except Exception as exc:
             log.warning("could not queue %d settling files (the next start-up scan finds them): %s", len(paths), exc)
 

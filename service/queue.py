@@ -159,3 +159,12 @@ def pending_deletions(session: Session, limit: int = 5000) -> list[tuple[str, in
         rows = session.execute(select(Track.path, Track.size, Track.mtime).where(or_(Track.path == p, _under(p)), Track.status != TRACK_REMOVED))
         out.extend(rows.tuples())
     return out
+
+
+def live_paths(session: Session, kind: str, paths: Iterable[str]) -> set[str]:
+    """Those of ``paths`` that have a queued or claimed job of ``kind``."""
+    out: set[str] = set()
+    paths = list(paths)
+    for i in range(0, len(paths), 500):
+        out.update(session.scalars(select(Job.path).where(Job.kind == kind, Job.state.in_(JOB_LIVE_STATES), Job.path.in_(paths[i : i + 500]))))
+    return out

@@ -27,6 +27,7 @@ from tagger.store import jobs, repo
 from tagger.store.db import Database
 from tagger.store.models import TRACK_MISSING, TRACK_REMOVED
 
+from . import queue
 from .watcher import PathFilter
 
 log = logging.getLogger("tagger.reconcile")
@@ -53,16 +54,24 @@ class ReconcileResult:
 
 def enqueue_files(db: Database, files: Iterable[FileStat], settle_seconds: float) -> int:
     """Queue ``classify`` jobs; a file modified less than ``settle_seconds`` ago is queued
-    to run once it is that old (the worker checks again)."""
+    to run once it is that old (the worker checks again). Files that already have a live
+    job are left to it (it looks at the file as it is when it runs). Returns how many
+    were queued."""
     now = time.time()
     files = list(files)
+    n = 0
     for i in range(0, len(files), 500):
+        chunk = files[i : i + 500]
         with db.session() as s:
-            for f in files[i : i + 500]:
+            live = queue.live_paths(s, "classify", [f.path for f in chunk])
+            for f in chunk:
+                if f.path in live:
+                    continue
                 age = now - f.mtime
                 delay = settle_seconds - age if 0 <= age < settle_seconds else 0.0
                 jobs.enqueue(s, f.path, "classify", delay=delay)
-    return len(files)
+                n += 1
+    return n
 
 
 def reconcile(db: Database, filt: PathFilter, roots: Iterable[str], *, settle_seconds: float, include, exclude, follow_symlinks: bool = True) -> ReconcileResult:

@@ -460,8 +460,10 @@ class Watcher:
     def dead_watches(self) -> list[str]:
         """Folders whose inotify emitter stopped on its own (e.g. the watch limit was hit
         when a new subfolder appeared): they need to be watched again (by polling)."""
-        out = []
-        emitters = getattr(self._inotify, "_emitter_for_watch", {})
+        out: list[str] = []
+        emitters = getattr(self._inotify, "_emitter_for_watch", None)  # watchdog internals
+        if not isinstance(emitters, dict):
+            return out
         with self._lock:
             for root, entry in self.watches.items():
                 if entry.mode != "inotify":

@@ -175,7 +175,11 @@ class Worker:
                 self.wake.wait(1.0)
                 continue
             if batch:
-                self._run_batch(batch)
+                try:
+                    self._run_batch(batch)
+                except Exception:  # the database failed us: claims go stale and are re-run
+                    log.exception("batch bookkeeping failed")
+                    self.wake.wait(1.0)
 
     def _run_batch(self, batch: list[Job]) -> None:
         with self._lock:
@@ -190,11 +194,15 @@ class Worker:
             if todo and not self._stopping():
                 self._classify(todo)
         except Exception as exc:
-            log.exception("batch failed")
             if self.library.classifier is not None:
                 self.library.classifier.close()  # a broken decode pool is rebuilt on next use
-            for job in self._leftover():
-                self._finish(job, error=f"{type(exc).__name__}: {exc}")
+            if self._stop.is_set():
+                # e.g. Ctrl-C reached the decode processes too: not the files' fault
+                log.info("batch interrupted while stopping: %s", exc)
+            else:
+                log.exception("batch failed")
+                for job in self._leftover():
+                    self._finish(job, error=f"{type(exc).__name__}: {exc}")
         finally:
             left = self._leftover()
             if left:

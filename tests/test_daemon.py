@@ -1,14 +1,17 @@
 """The daemon (``tagger serve``): real processes, a real watcher, real folders.
 
-The process tests start ``python -m tagger --config CFG serve`` with the tiny model bundle
-(``tiny_bundle``), ``settle_seconds = 1`` and ``max_wait = 0.5``, copy synthetic FLAC files
-into temporary folders and read the results from the SQLite database while it runs. Each
-process start costs ~10 s (TensorFlow import), so each test uses one daemon for several
-checks. The first block of tests runs the pieces in-process and needs no model.
+The process tests start ``python -m tagger --config CFG serve`` with the tiny model
+bundle (``tiny_bundle``), ``settle_seconds = 1`` and ``max_wait = 0.5``, copy synthetic
+FLAC files into temporary folders and read the results from the SQLite database while it
+runs. Each process start costs ~10 s (TensorFlow import), so each test uses one daemon
+for several checks; they are marked ``slow`` (15-40 s each, ~3 min in all with the
+500-file burst): ``-m "not slow"`` runs only the in-process tests of the first block,
+which need no model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -124,7 +127,7 @@ class Daemon:
             if env is None or var not in env:
                 full_env.pop(var, None)
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "tagger", "--config", str(cfg), "serve"],
+            [sys.executable, "-m", "tagger", *(["-vv"] if os.environ.get("TAGGER_TEST_DEBUG") else []), "--config", str(cfg), "serve"],
             stdout=self._log_file,
             stderr=self._log_file,
             env=full_env,
@@ -159,14 +162,10 @@ class Daemon:
             raise AssertionError(f"daemon did not exit within {timeout}s of SIGTERM\n{self.log_tail()}") from None
 
     def kill_group(self) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
         self._log_file.close()
 
 
@@ -377,6 +376,28 @@ def test_watcher_falls_back_to_polling(tmp_path: Path, monkeypatch, caplog):
         w.stop()
 
 
+def test_watcher_replaces_an_inotify_watch_that_died(tmp_path: Path, caplog):
+    from tagger.config import Config
+    from tagger_service import watcher as W
+
+    cfg = Config()
+    cfg.library.folders = [str(tmp_path)]
+    w = W.Watcher(W.FileSystemEventHandler(), cfg)  # type: ignore[arg-type]
+    w.start()
+    try:
+        entry = w.watch(str(tmp_path))
+        assert entry.mode == "inotify" and w.dead_watches() == []
+        emitter = w._inotify._emitter_for_watch[entry.watch]
+        emitter.stop()  # what happens when adding a watch for a new subfolder fails
+        emitter.join(5)
+        assert w.dead_watches() == [str(tmp_path)]
+        with caplog.at_level("WARNING", logger="tagger.watch"):
+            assert w.fall_back(str(tmp_path), "its inotify watch stopped").mode == "polling"
+        assert "by polling" in caplog.text and w.dead_watches() == []
+    finally:
+        w.stop()
+
+
 def test_notifier_speaks_the_sd_notify_protocol(tmp_path: Path):
     from tagger_service.notify import Notifier
 
@@ -405,6 +426,34 @@ def test_notifier_speaks_the_sd_notify_protocol(tmp_path: Path):
         assert srv.recv(100) == b"READY=1"
     finally:
         srv.close()
+
+
+def test_logs_carry_syslog_priorities_under_journald(tmp_path: Path, monkeypatch):
+    import logging
+
+    from tagger_service import logs
+
+    out = tmp_path / "stderr"
+    with open(out, "w") as stream:
+        st = os.fstat(stream.fileno())
+        monkeypatch.delenv("INVOCATION_ID", raising=False)
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        root = logging.getLogger()
+        saved = (root.handlers[:], root.level)
+        try:
+            logs.setup(0, stream=stream)
+            logging.getLogger("tagger.test").warning("folder %s is gone", "/m")
+            logging.getLogger("tagger.test").info("tagged")
+            logging.getLogger("tagger.test").debug("not shown")
+            monkeypatch.delenv("JOURNAL_STREAM")
+            logs.setup(0, stream=stream)
+            logging.getLogger("tagger.test").info("plain")
+        finally:
+            root.handlers[:] = saved[0]
+            root.setLevel(saved[1])
+    lines = out.read_text().splitlines()
+    assert lines[:2] == ["<4>WARNING tagger.test: folder /m is gone", "<6>INFO tagger.test: tagged"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO tagger.test: plain", lines[2])
 
 
 def test_reconcile_rekeys_files_moved_while_down(tmp_path: Path, flac: Path):
@@ -476,6 +525,7 @@ def test_status_without_a_daemon(tmp_path: Path):
 # ============================================================================ real daemon
 
 
+@pytest.mark.slow
 def test_slow_copies_are_tagged_once_complete_exactly_once(env: Env, flac: Path):
     """Chunked copies, an album, a download's .part name, systemd notifications, own writes."""
     ns = NotifySocket()
@@ -537,6 +587,7 @@ def test_slow_copies_are_tagged_once_complete_exactly_once(env: Env, flac: Path)
         ns.close()
 
 
+@pytest.mark.slow
 def test_kill_9_mid_batch_then_restart(env: Env, flac: Path):
     n = 40
     staging = env.tmp / "staging"
@@ -562,7 +613,22 @@ def test_kill_9_mid_batch_then_restart(env: Env, flac: Path):
     claimed_at_kill = scalar(db, "SELECT count(*) FROM jobs WHERE state = 'claimed'")
     tagged_at_kill = scalar(db, "SELECT count(*) FROM tag_writes")
     assert claimed_at_kill >= 1 and tagged_at_kill < n
-    d.kill_group()  # orphaned decode workers, if any
+
+    def group_gone():
+        try:
+            os.killpg(d.pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    # the fork server and decode workers die with the daemon (service/decoders.py)
+    wait_until(group_gone, 10, "the daemon's decode processes to exit")
+    d.kill_group()
+    # tagger status reports the dead daemon's claims as in flight
+    out = subprocess.run([sys.executable, "-m", "tagger", "--config", str(env.cfg), "status", "--json"], capture_output=True, text=True, timeout=60)
+    st = json.loads(out.stdout)
+    assert not st["daemon"]["running"] and st["queue"]["in_flight"] == claimed_at_kill
+    assert all(j["claimed_by"].split(":")[1] == str(d.pid) for j in st["in_flight"])
 
     d2 = env.start()
     d2.wait_log(rf"released {claimed_at_kill} jobs claimed by a daemon that is no longer running", 10)
@@ -591,6 +657,7 @@ def test_kill_9_mid_batch_then_restart(env: Env, flac: Path):
     assert scalar(db, "SELECT count(*) FROM jobs WHERE state = 'claimed'") == 0
 
 
+@pytest.mark.slow
 def test_burst_renames_moves_deletes_folder_gone_and_sighup(env: Env, flac: Path):
     n = 60
     staging = env.tmp / "staging"
@@ -676,6 +743,7 @@ def test_burst_renames_moves_deletes_folder_gone_and_sighup(env: Env, flac: Path
     assert set(tag_counts(db).values()) == {1}
 
 
+@pytest.mark.slow
 def test_sigterm_exits_0_and_keeps_the_queue(env: Env, flac: Path):
     """Queued jobs stay queued across SIGTERM, a file still being written is queued on the
     way out, nothing stays claimed, and the next start does the work."""
@@ -687,7 +755,7 @@ def test_sigterm_exits_0_and_keeps_the_queue(env: Env, flac: Path):
     helpers.write_synth(big, 40.0)
     growing = env.music / "incoming" / "big.wav"
     growing.parent.mkdir()
-    writer = threading.Thread(target=copy_slowly, args=(big, growing, 60, 0.25))
+    writer = threading.Thread(target=copy_slowly, args=(big, growing, 40, 0.2))
     writer.start()
     wait_until(growing.exists, 5, "the slow copy to begin")
     ready = env.music / "ready"
@@ -708,10 +776,13 @@ def test_sigterm_exits_0_and_keeps_the_queue(env: Env, flac: Path):
     env.write_config()
     d2 = env.start()
     wait_until(lambda: all(tag_counts(db).get(p) == 1 for p in [*paths, str(growing)]), 90, "all tagged after restart", proc=d2)
+    wait_until(lambda: not scalar(db, "SELECT count(*) FROM jobs WHERE state != 'done'"), 10, "all jobs done", proc=d2)
     assert d2.stop() == 0
     assert set(tag_counts(db).values()) == {1}
+    assert len(job_rows(db)) == 9  # the jobs kept over the restart were run, not duplicated
 
 
+@pytest.mark.slow
 def test_polling_fallback_when_inotify_is_disabled_by_config(env: Env, flac: Path):
     env.write_config(polling_folders=[env.music])
     d = env.start()
@@ -748,3 +819,17 @@ def test_burst_of_500(env: Env, flac: Path):
     assert d.stop() == 0
     assert set(tag_counts(env.db).values()) == {1}
     assert scalar(env.db, "SELECT count(*) FROM jobs WHERE kind = 'classify'") == n
+
+
+def test_service_ships_as_tagger_service():
+    """service/ installs as the package tagger_service (pyproject [tool.setuptools])."""
+    import tomllib
+
+    st = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert st["package-dir"]["tagger_service"] == "service"
+    assert "tagger_service" in st["packages"]
+    sub = [d for d in (ROOT / "service").iterdir() if d.is_dir() and (d / "__init__.py").exists()]
+    assert not sub, f"list these in pyproject packages too: {sub}"
+    import tagger_service
+
+    assert Path(tagger_service.__file__).parent.name in ("service", "tagger_service")
