@@ -136,6 +136,11 @@ def load_windows(path: str | Path, max_windows: int) -> np.ndarray:
     longer ones decode only their windows. Windows that are silent or hold no data
     (a truncated tail) are left out; the track fails only when none is left.
     """
+    return load_track(path, max_windows)[1]
+
+
+def load_track(path: str | Path, max_windows: int) -> tuple[AudioInfo, np.ndarray]:
+    """``load_windows`` plus the header it planned from, for callers that record both."""
     info = probe(path)
     plan = _plan(info.duration, max_windows)
     whole = info.duration <= features.WHOLE_TRACK_SECONDS
@@ -155,7 +160,7 @@ def load_windows(path: str | Path, max_windows: int) -> np.ndarray:
             last = exc
     if not mats:
         raise last or AudioError("cannot decode: no audio data")
-    return np.stack(mats)
+    return info, np.stack(mats)
 
 
 def _plan(duration: float, max_windows: int) -> features.WindowPlan:

@@ -72,9 +72,6 @@ class TagsConfig:
         }
     )
 
-    def display(self, label: str) -> str:
-        return self.names.get(label, label.title())
-
 
 @dataclass
 class DaemonConfig:

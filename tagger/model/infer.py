@@ -61,8 +61,7 @@ def decode_file(path: str, max_windows: int) -> Decoded:
     from .. import audio
 
     try:
-        info = audio.probe(path)
-        x = audio.load_windows(path, max_windows)
+        info, x = audio.load_track(path, max_windows)
         return Decoded(path, x, info.duration, info.codec)
     except audio.AudioError as exc:
         return Decoded(path, None, error=str(exc))

@@ -96,11 +96,11 @@ def _predict(model, x: np.ndarray, batch: int = 64) -> np.ndarray:
 
 def clip_accuracy(probs: np.ndarray, data: Dataset) -> float:
     """Accuracy per clip, with window probabilities averaged over each clip."""
-    sums = np.zeros((data.n_clips, probs.shape[1]))
-    np.add.at(sums, data.clip, probs)
+    from .evaluate import clip_probabilities
+
     truth = np.zeros(data.n_clips, dtype=np.int64)
     truth[data.clip] = data.y
-    return float(np.mean(sums.argmax(1) == truth))
+    return float(np.mean(clip_probabilities(probs, data).argmax(1) == truth))
 
 
 def recalibrate_bn(model, x: np.ndarray, cfg: TrainConfig, rng: np.random.Generator, batches: int = 40) -> None:
@@ -205,8 +205,6 @@ def train_member(
             recalibrate_bn(model, train.x, cfg, rng, batches=8)
             probs = _predict(model, valid.x)
             acc = clip_accuracy(probs, valid)
-            truth = np.zeros(valid.n_clips, dtype=np.int64)
-            truth[valid.clip] = valid.y
             row["val_accuracy"] = acc
             row["val_loss"] = float(-np.mean(np.log(probs[np.arange(len(probs)), valid.y] + 1e-9)))
             if acc > best[0]:

@@ -9,7 +9,7 @@ needs nothing but these four methods.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
 
 #: Name of the field that records what this tool wrote (ID3 TXXX description,
 #: Vorbis comment name, MP4 freeform name).
@@ -34,3 +34,46 @@ class Handler(Protocol):
     def save(self) -> None:
         """Write the changes to the file this handler was opened on."""
         ...
+
+
+class MultiValueHandler:
+    """Formats whose tags map a key to a list of values (Vorbis comments, ASF).
+
+    Subclasses name the genre and marker keys, and wrap values if the format
+    wants typed attributes.
+    """
+
+    GENRE_KEY: ClassVar[str]
+    MARKER_KEY: ClassVar[str]
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+
+    def _get(self, key: str) -> list[str]:
+        tags = self._file.tags
+        if tags is None or key not in tags:
+            return []
+        return [str(v) for v in tags[key]]
+
+    def _wrap(self, value: str) -> Any:
+        return value
+
+    def genres(self, separator: str) -> list[str]:
+        return [v.strip() for v in self._get(self.GENRE_KEY) if v.strip()]
+
+    def marker(self) -> str | None:
+        values = self._get(self.MARKER_KEY)
+        return values[0] if values else None
+
+    def set(self, genres: Sequence[str], marker: str | None, separator: str) -> None:
+        if self._file.tags is None:  # e.g. FLAC without a comment block
+            self._file.add_tags()
+        tags = self._file.tags
+        for key, values in ((self.GENRE_KEY, list(genres)), (self.MARKER_KEY, [marker] if marker else [])):
+            if values:
+                tags[key] = [self._wrap(v) for v in values]  # replaces every case variant of the key
+            elif key in tags:
+                del tags[key]
+
+    def save(self) -> None:
+        self._file.save()

@@ -7,9 +7,7 @@ Vorbis comments allow a field to repeat, so several genres are several
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import mutagen
 from mutagen.flac import FLAC
@@ -17,40 +15,14 @@ from mutagen.oggflac import OggFLAC
 from mutagen.oggopus import OggOpus
 from mutagen.oggvorbis import OggVorbis
 
-from tagger.tags.base import MARKER_NAME
+from tagger.tags.base import MARKER_NAME, MultiValueHandler
 
 
-class VorbisHandler:
+class VorbisHandler(MultiValueHandler):
     """``GENRE`` (repeated) for the genre, ``TAGGER_GENRE`` for the marker."""
 
-    def __init__(self, file: Any) -> None:
-        self._file = file
-
-    def _get(self, key: str) -> list[str]:
-        tags = self._file.tags
-        if tags is None or key not in tags:
-            return []
-        return [str(v) for v in tags[key]]
-
-    def genres(self, separator: str) -> list[str]:
-        return [v.strip() for v in self._get("GENRE") if v.strip()]
-
-    def marker(self) -> str | None:
-        values = self._get(MARKER_NAME)
-        return values[0] if values else None
-
-    def set(self, genres: Sequence[str], marker: str | None, separator: str) -> None:
-        if self._file.tags is None:  # FLAC without a comment block
-            self._file.add_tags()
-        tags = self._file.tags
-        for key, value in (("GENRE", list(genres)), (MARKER_NAME, [marker] if marker else [])):
-            if value:
-                tags[key] = value  # replaces every case variant of the key
-            elif key in tags:
-                del tags[key]
-
-    def save(self) -> None:
-        self._file.save()
+    GENRE_KEY = "GENRE"
+    MARKER_KEY = MARKER_NAME
 
 
 def open_flac(path: Path) -> VorbisHandler:
