@@ -1,6 +1,6 @@
 """``tagger scan`` on a library of 4-minute MP3s, and a no-change re-scan of 100,000 files.
 
-    python benchmarks/scan_library.py [--tracks 200] [--model BUNDLE] [--big 100000]
+    python benchmarks/scan_library.py [--tracks 200] [--model BUNDLE] [--big 100000] [--windows N] [--workers N]
 
 Each scan runs the real CLI in a child process (``/usr/bin/time``-style peak RSS
 from ``resource.getrusage(RUSAGE_CHILDREN)``, which covers the decode workers).
@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--model", default="")
     ap.add_argument("--big", type=int, default=100_000, help="files in the synthetic no-change tree (0: skip)")
     ap.add_argument("--work", default=None, help="folder for generated files (kept between runs)")
+    ap.add_argument("--windows", type=int, default=None, help="[model] max_windows (default: the config default)")
+    ap.add_argument("--workers", type=int, default=None, help="[model] workers (default: one per CPU)")
     args = ap.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.gettempdir()) / "tagger-bench-scan"
     work.mkdir(parents=True, exist_ok=True)
@@ -53,7 +55,12 @@ def main() -> None:
     for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
         p.unlink(missing_ok=True)
     config = work / "config.toml"
-    config.write_text(f'[database]\npath = "{db}"\n[model]\npath = "{args.model}"\n')
+    model = f'path = "{args.model}"\n'
+    if args.windows:
+        model += f"max_windows = {args.windows}\n"
+    if args.workers:
+        model += f"workers = {args.workers}\n"
+    config.write_text(f'[database]\npath = "{db}"\n[model]\n{model}')
     # The tags are rewritten by the first scan: start from pristine copies each run.
     for f in files:
         from mutagen.id3 import ID3

@@ -75,7 +75,12 @@ def band_rows() -> list[np.ndarray]:
 _MEL_BASIS: np.ndarray | None = None
 
 
-def _mel_basis() -> np.ndarray:
+def mel_basis() -> np.ndarray:
+    """librosa's mel filter bank (Slaney scale and norm, fmax = sr/2), made once.
+
+    librosa is the reference for the filters; importing it costs a decode worker
+    about a second, so ``set_mel_basis`` lets a pool hand workers the parent's copy.
+    """
     global _MEL_BASIS
     if _MEL_BASIS is None:
         import librosa
@@ -84,13 +89,46 @@ def _mel_basis() -> np.ndarray:
     return _MEL_BASIS
 
 
-def mel_db(y: np.ndarray) -> np.ndarray:
-    """``power_to_db(melspectrogram(y), ref=max, top_db=80)`` as librosa computes it."""
-    import librosa
+def set_mel_basis(basis: np.ndarray) -> None:
+    """Install a filter bank made by ``mel_basis`` in another process."""
+    global _MEL_BASIS
+    basis = np.asarray(basis, dtype=np.float32)
+    if basis.shape != (N_MELS, N_FFT // 2 + 1):
+        raise ValueError(f"mel basis of shape {basis.shape}, expected {(N_MELS, N_FFT // 2 + 1)}")
+    _MEL_BASIS = basis
 
-    spec = np.abs(librosa.stft(y, n_fft=N_FFT, hop_length=HOP_LENGTH, center=True)) ** 2
-    mel = _mel_basis() @ spec
-    return librosa.power_to_db(mel, ref=np.max, top_db=TOP_DB)
+
+#: Periodic Hann window, as ``librosa.filters.get_window("hann", N_FFT)`` gives it.
+_WINDOW = (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
+
+
+#: STFT frames transformed at a time (a block stays in cache).
+_BLOCK = 64
+
+
+def mel_db(y: np.ndarray) -> np.ndarray:
+    """``power_to_db(melspectrogram(y), ref=max, top_db=80)`` as librosa computes it.
+
+    The STFT is librosa's (centred frames, zero padding, periodic Hann), spelt out
+    with numpy and scipy.fft so decode workers need not import librosa;
+    ``tests/test_features.py`` holds it to librosa's own result.
+    """
+    from scipy import fft
+
+    y = np.asarray(y, dtype=np.float32)
+    half = N_FFT // 2
+    padded = np.pad(y, half, mode="constant")
+    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH]
+    power = np.empty((len(frames), N_FFT // 2 + 1), dtype=np.float32)
+    for i in range(0, len(frames), _BLOCK):  # blocks that stay in cache
+        spec = fft.rfft(frames[i : i + _BLOCK] * _WINDOW, axis=1)
+        np.multiply(spec.real, spec.real, out=power[i : i + _BLOCK])
+        power[i : i + _BLOCK] += spec.imag * spec.imag
+    mel = mel_basis() @ power.T
+    amin = 1e-10
+    db = 10.0 * np.log10(np.maximum(amin, mel))
+    db -= 10.0 * np.log10(max(amin, float(mel.max())))
+    return np.maximum(db, db.max() - TOP_DB)
 
 
 def window_matrix(y: np.ndarray) -> np.ndarray:

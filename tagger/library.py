@@ -280,18 +280,24 @@ class Library:
                 repo.record_tag_write(s, track_id, policy=opts.policy, before=list(state.genres), after=list(new), reason=why, model_id=model_id, dry_run=True)
             return Outcome(path, "would-tag", new, state.genres, top, why)
         marker = tags.Marker(tuple(new), self.classifier.bundle.sha256[:12] if self.classifier else "", round(top, 4))
-        with _interrupt_deferred():  # the write and its record go together
+        # Write-ahead: the record of the change is committed before the file is touched,
+        # so even a kill -9 mid-write leaves restore its "before" value. Restore only acts
+        # where the file holds what the record says was written, so a write that never
+        # happened is harmless.
+        with _interrupt_deferred():  # the record, the write and the bookkeeping go together
+            with self.db.session() as s:
+                write_id = repo.record_tag_write(s, track_id, policy=opts.policy, before=list(state.genres), after=list(new), reason=why, model_id=model_id).id
             try:
                 tags.write_genres(path, new, marker, separator=opts.separator)
             except tags.TagError as exc:
                 with self.db.session() as s:
+                    repo.delete_tag_write(s, write_id)
                     repo.set_status(s, path, TRACK_CLASSIFIED, error=f"tag write failed: {exc}")
                 return Outcome(path, "failed", new, state.genres, top, f"tag write failed: {exc}")
             st = os.stat(path)
             with self.db.session() as s:
                 repo.upsert_track(s, path, size=st.st_size, mtime=st.st_mtime, status=TRACK_TAGGED)
                 repo.set_status(s, path, TRACK_TAGGED)
-                repo.record_tag_write(s, track_id, policy=opts.policy, before=list(state.genres), after=list(new), reason=why, model_id=model_id)
         return Outcome(path, "tagged", new, state.genres, top, why)
 
     def process(self, files: list[FileStat]) -> Iterator[Outcome]:

@@ -79,3 +79,30 @@ def test_audio_matches_the_training_images(shared_audio, shared_png):
             worst.append((mae, png.stem))
     assert not worst, f"clips off by more than 1 level on average: {sorted(worst)[-5:]}"
     assert float(np.mean(errors)) < 0.5
+
+
+def test_mel_db_is_librosas():
+    """The numpy/scipy STFT in ``mel_db`` gives librosa's own dB mel spectrogram."""
+    import librosa
+
+    rng = np.random.default_rng(3)
+    t = np.arange(features.WINDOW_SAMPLES) / features.SAMPLE_RATE
+    signals = [
+        (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32),
+        (0.5 * rng.standard_normal(features.SAMPLE_RATE * 7 + 123)).astype(np.float32),  # odd length
+    ]
+    for y in signals:
+        power = np.abs(librosa.stft(y, n_fft=features.N_FFT, hop_length=features.HOP_LENGTH)) ** 2
+        mel = librosa.feature.melspectrogram(S=power, sr=features.SAMPLE_RATE, n_mels=features.N_MELS)
+        ref = librosa.power_to_db(mel, ref=np.max, top_db=features.TOP_DB)
+        got = features.mel_db(y)
+        assert got.shape == ref.shape
+        assert np.abs(got - ref).max() < 0.01  # dB; one colour level is 80/255 = 0.31 dB
+
+
+def test_mel_basis_can_be_handed_over():
+    basis = features.mel_basis()
+    features.set_mel_basis(basis.copy())
+    assert np.array_equal(features.mel_basis(), basis)
+    with pytest.raises(ValueError):
+        features.set_mel_basis(basis[:, :10])

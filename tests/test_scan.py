@@ -674,6 +674,9 @@ def test_bad_inputs(tiny_bundle: Path, excerpts: list[Path], tmp_path: Path) -> 
     assert "tag write failed" in tracks["readonly.flac"]["last_error"]
     assert "permission denied" in tracks["readonly.flac"]["last_error"]
     assert _sha(readonly) == ro_sha
+    # Its write-ahead record went with the refused write: nothing for restore to undo.
+    assert real_writes(db, readonly) == []
+    assert len(real_writes(db, good)) == 1
     assert (
         rows(
             db,

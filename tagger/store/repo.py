@@ -321,6 +321,13 @@ def record_tag_write(
     return tw
 
 
+def delete_tag_write(session: Session, write_id: int) -> None:
+    """Drop a write-ahead record whose file write failed (the file was not changed)."""
+    tw = session.get(TagWrite, write_id)
+    if tw is not None:
+        session.delete(tw)
+
+
 def last_tag_write(
     session: Session, track_id: int, *, include_dry_run: bool = False
 ) -> TagWrite | None:
