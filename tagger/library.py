@@ -86,6 +86,7 @@ def walk(
     reported through ``on_error`` and skipped.
     """
     include, exclude = tuple(include), tuple(exclude)
+    match_all = include == ("*",) and not exclude  # the default: no pattern work per file
     seen_dirs: set[tuple[int, int]] = set()
     for root in roots:
         root = Path(root).expanduser().absolute()
@@ -99,6 +100,7 @@ def walk(
             if tags.supported(root):
                 yield FileStat(str(root), st.st_size, st.st_mtime)
             continue
+        prefix = os.path.join(str(root), "")
         stack = [root]
         while stack:
             d = stack.pop()
@@ -132,9 +134,11 @@ def walk(
                     continue
                 if not statmod.S_ISREG(st.st_mode):
                     continue
-                rel = os.path.relpath(e.path, root)
-                if not _matches(rel, name, include) or _matches(rel, name, exclude):
-                    continue
+                if not match_all:
+                    path = e.path
+                    rel = path[len(prefix) :] if path.startswith(prefix) else os.path.relpath(path, root)
+                    if not _matches(rel, name, include) or _matches(rel, name, exclude):
+                        continue
                 yield FileStat(e.path, st.st_size, st.st_mtime)
             stack.extend(reversed(subdirs))
 

@@ -8,6 +8,7 @@ flight per worker), so memory stays flat however many files are classified.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import signal
@@ -144,9 +145,14 @@ class Classifier:
 
     def decoded(self, paths: Iterable[str | Path]) -> Iterator[Decoded]:
         """Decode in worker processes, at most a few files ahead of the consumer."""
+        it = iter(paths)
+        first = next(it, None)
+        if first is None:  # nothing to do: start no workers (a no-change re-scan)
+            return
+        it = itertools.chain([first], it)
         pool = self._executor()
         if pool is None:
-            for p in paths:
+            for p in it:
                 yield decode_file(str(p), self.max_windows)
             return
         # Files in flight: four model batches' worth. While the consumer loads the
@@ -155,7 +161,6 @@ class Classifier:
         # (batch 64) however many files there are.
         ahead = max(2 * self.workers, 4, 4 * -(-self.batch_size // max(1, self.max_windows)))
         pending: deque[Future] = deque()
-        it = iter(paths)
         for p in it:
             pending.append(pool.submit(decode_file, str(p), self.max_windows))
             if len(pending) >= ahead:

@@ -125,7 +125,7 @@ class GenreState:
 
 def supported(path: str | os.PathLike[str]) -> bool:
     """Whether the extension is one we can tag (cheap: no I/O)."""
-    return Path(path).suffix.lower() in _OPENERS
+    return os.path.splitext(os.fspath(path))[1].lower() in _OPENERS  # no pathlib: called per file of a walk
 
 
 def clean_genres(genres: Iterable[str]) -> tuple[str, ...]:
