@@ -135,8 +135,7 @@ def walk(
                 if not statmod.S_ISREG(st.st_mode):
                     continue
                 if not match_all:
-                    path = e.path
-                    rel = path[len(prefix) :] if path.startswith(prefix) else os.path.relpath(path, root)
+                    rel = e.path[len(prefix) :]  # every folder walked lies under root (joined, never resolved)
                     if not _matches(rel, name, include) or _matches(rel, name, exclude):
                         continue
                 yield FileStat(e.path, st.st_size, st.st_mtime)
@@ -279,9 +278,10 @@ class Library:
             with self.db.session() as s:
                 repo.set_status(s, path, status)
             return Outcome(path, "kept" if status == TRACK_KEPT else "unchanged", genres, state.genres, top, why)
+        change = {"policy": opts.policy, "before": list(state.genres), "after": list(new), "reason": why, "model_id": model_id}
         if opts.dry_run:
             with self.db.session() as s:
-                repo.record_tag_write(s, track_id, policy=opts.policy, before=list(state.genres), after=list(new), reason=why, model_id=model_id, dry_run=True)
+                repo.record_tag_write(s, track_id, **change, dry_run=True)
             return Outcome(path, "would-tag", new, state.genres, top, why)
         marker = tags.Marker(tuple(new), self.classifier.bundle.sha256[:12] if self.classifier else "", round(top, 4))
         # Write-ahead: the record of the change is committed before the file is touched,
@@ -290,7 +290,7 @@ class Library:
         # happened is harmless.
         with _interrupt_deferred():  # the record, the write and the bookkeeping go together
             with self.db.session() as s:
-                write_id = repo.record_tag_write(s, track_id, policy=opts.policy, before=list(state.genres), after=list(new), reason=why, model_id=model_id).id
+                write_id = repo.record_tag_write(s, track_id, **change).id
             try:
                 tags.write_genres(path, new, marker, separator=opts.separator)
             except tags.TagError as exc:

@@ -37,8 +37,6 @@ class TrainConfig:
     time_mask_width: int = 24
     freq_masks: int = 2
     freq_mask_width: int = 16
-    stretch: float = 0.0
-    pitch_shift: int = 0
     ema_momentum: float = 0.99
     patience: int = 20
     members: int = 1
@@ -63,21 +61,8 @@ def augment_batch(
     """Random crops + SpecAugment masks + mixup, on uint8 levels (what the model eats)."""
     n, bands, width = x.shape
     crop = min(cfg.crop, width)
-    if cfg.stretch > 0 or cfg.pitch_shift > 0:
-        out = np.empty((n, bands, crop), dtype=np.float32)
-        for i in range(n):
-            # Tempo change: read a longer or shorter stretch of columns into the crop.
-            r = math.exp(rng.uniform(-1, 1) * math.log1p(cfg.stretch)) if cfg.stretch > 0 else 1.0
-            span = min(width, max(2, int(round(crop * r))))
-            s = int(rng.integers(0, width - span + 1))
-            cols = s + np.minimum(span - 1, (np.arange(crop) * span / crop).astype(np.int64))
-            # Key change: move the mel bands up or down a little, repeating the edge band.
-            k = int(rng.integers(-cfg.pitch_shift, cfg.pitch_shift + 1)) if cfg.pitch_shift > 0 else 0
-            rows = np.clip(np.arange(bands) - k, 0, bands - 1)
-            out[i] = x[i][np.ix_(rows, cols)]
-    else:
-        starts = rng.integers(0, width - crop + 1, size=n)
-        out = np.stack([x[i, :, s : s + crop] for i, s in enumerate(starts)]).astype(np.float32)
+    starts = rng.integers(0, width - crop + 1, size=n)
+    out = np.stack([x[i, :, s : s + crop] for i, s in enumerate(starts)]).astype(np.float32)
     for i in range(n):
         for _ in range(cfg.time_masks):
             w = int(rng.integers(0, cfg.time_mask_width + 1))
