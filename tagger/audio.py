@@ -11,7 +11,7 @@ bytes rather than its name:
   a VBR file's length from its first frame (and silently stops there when there is
   no Xing header), and its mpg123 prints warnings to stderr.
 
-Only the stretch asked for is decoded (seek first), so three 30-second windows of a
+Only the stretch asked for is decoded (seek first), so a few 30-second windows of a
 two-hour file cost about as much as one 30-second clip. Resampling is ``soxr`` 'HQ',
 as in ``librosa.load``. Every failure — missing, empty, truncated, non-audio,
 undecodable — is an :class:`AudioError` whose ``str()`` is one line.
