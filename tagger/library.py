@@ -292,7 +292,15 @@ class Library:
             with self.db.session() as s:
                 write_id = repo.record_tag_write(s, track_id, **change).id
             try:
-                tags.write_genres(path, new, marker, separator=opts.separator)
+                tags.write_genres(path, new, marker, separator=opts.separator, expect=st)
+            except tags.FileChanged as exc:
+                # Moved, deleted or edited meanwhile: nothing was written. Its size and
+                # mtime are forgotten so that whatever is there next is classified again.
+                with self.db.session() as s:
+                    repo.delete_tag_write(s, write_id)
+                    repo.upsert_track(s, path, size=0, mtime=0.0, status=TRACK_PENDING)
+                    repo.set_status(s, path, TRACK_PENDING, error=f"{exc}; will be classified again")
+                return Outcome(path, "changed", new, state.genres, top, "changed while being tagged; will be classified again")
             except tags.TagError as exc:
                 with self.db.session() as s:
                     repo.delete_tag_write(s, write_id)

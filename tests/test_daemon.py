@@ -788,12 +788,14 @@ def test_polling_fallback_when_inotify_is_disabled_by_config(env: Env, flac: Pat
     d = env.start()
     d.wait_log(rf"WARNING tagger\.watch: watching {re.escape(str(env.music))} by polling every 0\.5s: listed in \[daemon\] polling_folders", 5)
     shutil.copyfile(flac, env.music / "p.flac")
-    wait_until(lambda: tag_counts(env.db).get(str(env.music / "p.flac")) == 1, 60, "polled file tagged", proc=d)
+    # "tagged" is recorded after the write (the tag_writes row is committed before it).
+    wait_until(lambda: statuses(env.db).get(str(env.music / "p.flac")) == "tagged", 60, "polled file tagged", proc=d)
     os.rename(env.music / "p.flac", env.music / "q.flac")
     wait_until(lambda: statuses(env.db).get(str(env.music / "q.flac")) == "tagged", 30, "polled rename followed", proc=d)
     time.sleep(2)
     assert d.stop() == 0
     assert scalar(env.db, "SELECT count(*) FROM tag_writes") == 1
+    assert sorted(p.name for p in env.music.iterdir()) == ["q.flac"]
     assert "with inotify" not in d.text()
 
 

@@ -34,7 +34,9 @@ from mutagen.oggopus import OggOpus
 from mutagen.oggvorbis import OggVorbis
 from mutagen.wave import WAVE
 
+from tagger import tags
 from tagger.tags import (
+    FileChanged,
     GenreState,
     Marker,
     TagError,
@@ -359,6 +361,61 @@ def test_symlink_target_and_mode_are_kept(make_base: Callable[[str], Path], tmp_
     assert link.is_symlink()
     assert stat.S_IMODE(target.stat().st_mode) == 0o640
     assert FLAC(target)["GENRE"] == ["Rock"]
+
+
+def _tag_copy(copy: Path) -> None:
+    f = FLAC(copy)
+    f["GENRE"] = ["Rock"]
+    f.save()
+
+
+def test_file_moved_while_being_tagged_is_not_brought_back(make_base: Callable[[str], Path], tmp_path: Path) -> None:
+    """A user (or beets) moves the file while our tagged copy is being made: our copy
+    must not be renamed to the old name, which would leave a second, stale file there."""
+    path, moved = tmp_path / "a.flac", tmp_path / "b.flac"
+    shutil.copyfile(make_base("flac"), path)
+    content = path.read_bytes()
+
+    def change(copy: Path) -> None:
+        _tag_copy(copy)
+        os.rename(path, moved)
+
+    with pytest.raises(FileChanged, match="moved or deleted while being tagged"):
+        tags._replace_safely(path, change)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.flac"]  # no a.flac again, no temporary copy
+    assert moved.read_bytes() == content
+
+
+def test_file_edited_while_being_tagged_keeps_the_edit(make_base: Callable[[str], Path], tmp_path: Path) -> None:
+    path = tmp_path / "a.flac"
+    shutil.copyfile(make_base("flac"), path)
+
+    def change(copy: Path) -> None:
+        _tag_copy(copy)
+        f = FLAC(path)  # another tagger writes the original meanwhile
+        f["COMMENT"] = ["x" * 5000]  # more than FLAC's padding, so the size changes too
+        f.save()
+
+    with pytest.raises(FileChanged, match="changed while being tagged"):
+        tags._replace_safely(path, change)
+    f = FLAC(path)
+    assert f["COMMENT"] == ["x" * 5000] and f["GENRE"] == ["Blues"]
+    assert [p.name for p in tmp_path.iterdir()] == ["a.flac"]
+
+
+def test_write_refused_when_file_is_not_as_last_seen(make_base: Callable[[str], Path], tmp_path: Path) -> None:
+    path = tmp_path / "a.flac"
+    shutil.copyfile(make_base("flac"), path)
+    seen = os.stat(path)
+    f = FLAC(path)
+    f["TITLE"] = ["Edited " * 400]
+    f.save()
+    content = path.read_bytes()
+    with pytest.raises(FileChanged, match="changed since its tags were read"):
+        write_genres(path, ["Rock"], None, expect=seen)
+    assert path.read_bytes() == content
+    write_genres(path, ["Rock"], None, expect=os.stat(path))
+    assert FLAC(path)["GENRE"] == ["Rock"]
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ __all__ = [
     "POLICIES",
     "GenreState",
     "Marker",
+    "FileChanged",
     "TagError",
     "clean_genres",
     "decide",
@@ -69,6 +70,14 @@ _TMP_SUFFIX = ".tagger-tmp"
 
 class TagError(Exception):
     """A file's tags cannot be read or written; ``str()`` is a one-line reason."""
+
+
+class FileChanged(TagError):
+    """The file was moved, deleted or rewritten by someone else while we tagged it.
+
+    Nothing was written: renaming our copy over it would bring back a file the user
+    moved away, or undo their edit. The caller looks at the file again later.
+    """
 
 
 @dataclass(frozen=True)
@@ -216,11 +225,14 @@ def write_genres(
     marker: Marker | None,
     *,
     separator: str = DEFAULT_SEPARATOR,
+    expect: os.stat_result | None = None,
 ) -> None:
     """Write ``genres`` (empty: remove the genre) and ``marker`` (None: remove ours).
 
     Everything else in the file is left as it was. The file is replaced
-    atomically; its size and mtime change, which the caller records.
+    atomically; its size and mtime change, which the caller records. ``expect``
+    is the file as the caller last saw it (when it read the tags it decided on);
+    if the file is not that one any more, :class:`FileChanged` is raised.
     """
     path = Path(path)
     values = clean_genres(genres)
@@ -236,16 +248,26 @@ def write_genres(
         except Exception as exc:
             raise _error(path, exc, "cannot write tags") from exc
 
-    _replace_safely(path, tag)
+    _replace_safely(path, tag, expect)
 
 
-def _replace_safely(path: Path, change: Callable[[Path], None]) -> None:
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """Same file, same content as far as a stat can tell (what a rename or a write changes)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _replace_safely(path: Path, change: Callable[[Path], None], expect: os.stat_result | None = None) -> None:
     """Apply ``change`` to a copy in the same directory, fsync it, rename it over ``path``.
 
     A crash leaves either the old file or the new one (plus at worst a stray
     ``.*.tagger-tmp``). Permission bits, owner (where allowed) and extended
     attributes are carried over. A symlink is followed and its target
     replaced; a hard link is broken (the other names keep the old file).
+
+    Just before the rename the original is checked to still be the file that was
+    copied: if it was moved, deleted or rewritten meanwhile, the copy is dropped
+    (:class:`FileChanged`). Only the instant between that check and the rename
+    stays open to a concurrent change.
     """
     real = Path(os.path.realpath(path))
     try:
@@ -257,6 +279,8 @@ def _replace_safely(path: Path, change: Callable[[Path], None]) -> None:
         raise _error(path, exc, "cannot open for writing") from exc
     if not stat.S_ISREG(st.st_mode):
         raise TagError(f"{path}: not a regular file")
+    if expect is not None and _identity(st) != _identity(expect):
+        raise FileChanged(f"{path}: changed since its tags were read; left as it is")
     try:
         fd, name = tempfile.mkstemp(prefix=f".{real.name}.", suffix=_TMP_SUFFIX, dir=real.parent)
     except OSError as exc:
@@ -269,6 +293,12 @@ def _replace_safely(path: Path, change: Callable[[Path], None]) -> None:
         with tmp.open("rb") as f:
             os.fsync(f.fileno())
         _copy_metadata(real, tmp, st)
+        try:
+            now = os.stat(real)
+        except FileNotFoundError:
+            raise FileChanged(f"{path}: moved or deleted while being tagged; left as it is") from None
+        if _identity(now) != _identity(st):
+            raise FileChanged(f"{path}: changed while being tagged; left as it is")
         os.replace(tmp, real)
     except BaseException as exc:
         with contextlib.suppress(OSError):
