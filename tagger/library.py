@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import tags
-from .config import Config
+from .config import Config, TagsConfig
 from .model.infer import Classification, Classifier
 from .store import repo
 from .store.db import Database
@@ -142,14 +142,23 @@ def walk(
             stack.extend(reversed(subdirs))
 
 
+def _forget(s, path: str, why: str) -> None:
+    """Pending, with size and mtime forgotten, so whatever is there next is classified again."""
+    repo.upsert_track(s, path, size=0, mtime=0.0, status=TRACK_PENDING)
+    repo.set_status(s, path, TRACK_PENDING, error=f"{why}; will be classified again")
+
+
+_TAG_DEFAULTS = TagsConfig()
+
+
 @dataclass
 class Options:
     """What to do with a classification; defaults come from ``[tags]`` in the config."""
 
-    policy: str = "keep"
-    top_k: int = 1
-    min_confidence: float = 0.35
-    separator: str = "; "
+    policy: str = _TAG_DEFAULTS.policy
+    top_k: int = _TAG_DEFAULTS.top_k
+    min_confidence: float = _TAG_DEFAULTS.min_confidence
+    separator: str = _TAG_DEFAULTS.separator
     dry_run: bool = False
     names: dict[str, str] = field(default_factory=dict)
 
@@ -247,8 +256,7 @@ class Library:
             return Outcome(path, "failed", reason="file vanished during the scan")
         if (st.st_size, st.st_mtime) != (seen.size, seen.mtime):
             with self.db.session() as s:
-                repo.upsert_track(s, path, size=0, mtime=0.0, status=TRACK_PENDING)
-                repo.set_status(s, path, TRACK_PENDING, error="changed during the scan; will be classified again")
+                _forget(s, path, "changed during the scan")
             return Outcome(path, "changed", reason="changed during the scan; will be classified again")
         labels, top = self.choose(result)
         genres = tuple(self.display(g) for g in labels)
@@ -294,12 +302,10 @@ class Library:
             try:
                 tags.write_genres(path, new, marker, separator=opts.separator, expect=st)
             except tags.FileChanged as exc:
-                # Moved, deleted or edited meanwhile: nothing was written. Its size and
-                # mtime are forgotten so that whatever is there next is classified again.
+                # Moved, deleted or edited meanwhile: nothing was written.
                 with self.db.session() as s:
                     repo.delete_tag_write(s, write_id)
-                    repo.upsert_track(s, path, size=0, mtime=0.0, status=TRACK_PENDING)
-                    repo.set_status(s, path, TRACK_PENDING, error=f"{exc}; will be classified again")
+                    _forget(s, path, str(exc))
                 return Outcome(path, "changed", new, state.genres, top, "changed while being tagged; will be classified again")
             except tags.TagError as exc:
                 with self.db.session() as s:

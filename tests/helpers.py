@@ -6,11 +6,25 @@ these in fixtures that skip cleanly when ffmpeg or ``../shared`` is missing.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import shutil
+import struct
 import subprocess
+import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from mutagen.aiff import AIFF
+from mutagen.asf import ASF, ASFByteArrayAttribute
+from mutagen.flac import FLAC, Picture
+from mutagen.id3 import APIC, TALB, TCON, TIT2, TPE1, TSOP, TXXX, PictureType
+from mutagen.mp3 import MP3
+from mutagen.mp4 import MP4, MP4Cover
+from mutagen.oggopus import OggOpus
+from mutagen.oggvorbis import OggVorbis
+from mutagen.wave import WAVE
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -37,18 +51,141 @@ def ffmpeg_path() -> str | None:
     return shutil.which("ffmpeg")
 
 
-def run_ffmpeg(*args: str) -> None:
-    """Run ffmpeg quietly; a failure shows its stderr."""
+def run_ffmpeg(*args: str | Path) -> bytes:
+    """Run ffmpeg quietly and return its stdout; a failure shows its stderr."""
     exe = ffmpeg_path()
     if exe is None:
         raise RuntimeError("ffmpeg not installed")
-    proc = subprocess.run(
-        [exe, "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args],
-        capture_output=True,
-        text=True,
-    )
+    argv = [str(a) for a in args]
+    proc = subprocess.run([exe, "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *argv], capture_output=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"ffmpeg {' '.join(args)} failed: {proc.stderr.strip()}")
+        raise RuntimeError(f"ffmpeg {' '.join(argv)} failed: {proc.stderr.decode(errors='replace').strip()}")
+    return proc.stdout
+
+
+def audio_hash(path: Path) -> str:
+    """sha256 of the decoded first audio stream (cover art is a video stream to ffmpeg)."""
+    pcm = run_ffmpeg("-i", path, "-map", "0:a:0", "-f", "s16le", "-")
+    assert len(pcm) > 100_000
+    return hashlib.sha256(pcm).hexdigest()
+
+
+# --- tagged files, as a person's tagger leaves them -------------------------------------
+
+
+def _png() -> bytes:
+    """A valid 1x1 PNG, built rather than pasted."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00\xff\x00\x00")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+PNG = _png()
+ID3_CLASSES: dict[str, Any] = {".mp3": MP3, ".aiff": AIFF, ".wav": WAVE}
+ID3_MARKER, MP4_MARKER, ASF_MARKER = "TXXX:TAGGER_GENRE", "----:org.tagger:TAGGER_GENRE", "TAGGER/Genre"
+
+
+def cover_picture() -> Picture:
+    pic = Picture()
+    pic.type, pic.mime, pic.data = PictureType.COVER_FRONT, "image/png", PNG
+    pic.width, pic.height, pic.depth = 1, 1, 24
+    return pic
+
+
+def add_art(path: Path, family: str, tags: dict[str, str], *, hand_genre: str | None = None, extras: bool = False) -> None:
+    """Cover art, added with mutagen the way a tagger would (ffmpeg wrote the other tags).
+
+    A WAV gets its whole ID3v2.3 chunk here (title, artist and album from ``tags``, and
+    ``hand_genre``), since ffmpeg writes RIFF INFO only. ``extras`` adds a few more tags
+    that must survive tagging too: a MusicBrainz id, a sort artist, a comment, a composer.
+    """
+    if family == "id3":
+        f = ID3_CLASSES[path.suffix](path, translate=False)
+        if f.tags is None:
+            f.add_tags()
+            f.tags.add(TIT2(encoding=1, text=[tags["title"]]))
+            f.tags.add(TPE1(encoding=1, text=[tags["artist"]]))
+            f.tags.add(TALB(encoding=1, text=[tags["album"]]))
+            if hand_genre:
+                f.tags.add(TCON(encoding=1, text=[hand_genre]))
+            f.tags.version = (2, 3, 0)
+        f.tags.add(APIC(encoding=0, mime="image/png", type=PictureType.COVER_FRONT, desc="", data=PNG))
+        if extras:
+            f.tags.add(TXXX(encoding=1, desc="MusicBrainz Album Id", text=["0000-1111"]))
+            # Off-spec in v2.3 but written by common taggers; must survive.
+            f.tags.add(TSOP(encoding=1, text=["Artist, Test"]))
+        f.save(v2_version=f.tags.version[1], v23_sep=None)
+        return
+    if family == "flac":
+        f = FLAC(path)
+        f.add_picture(cover_picture())
+    elif family == "ogg":
+        f = OggOpus(path) if path.suffix == ".opus" else OggVorbis(path)
+        f["METADATA_BLOCK_PICTURE"] = [base64.b64encode(cover_picture().write()).decode("ascii")]
+    elif family == "mp4":
+        f = MP4(path)
+        f.tags["covr"] = [MP4Cover(PNG, imageformat=MP4Cover.FORMAT_PNG)]
+        if extras:
+            f.tags["----:com.apple.iTunes:MusicBrainz Album Id"] = [b"0000-1111"]
+    else:
+        f = ASF(path)
+        mime = "image/png".encode("utf-16-le") + b"\0\0"
+        f.tags["WM/Picture"] = [ASFByteArrayAttribute(struct.pack("<bi", 3, len(PNG)) + mime + b"\0\0" + PNG)]
+        if extras:
+            f.tags["WM/Composer"] = ["Test Composer"]
+    if extras and family in ("flac", "ogg"):
+        f["COMMENT"] = ["hand comment"]
+    f.save()
+
+
+def read_tags(path: Path, family: str) -> dict[str, Any]:
+    """What mutagen itself sees: genre values, our marker (raw), everything else (pictures
+    included, keys as stored), picture count and ID3 version, so a test can compare a file
+    before and after tagging."""
+    if family == "id3":
+        tags = ID3_CLASSES[path.suffix](path, translate=False).tags
+        return {
+            "genres": list(tags["TCON"].text) if "TCON" in tags else [],
+            "marker": tags[ID3_MARKER].text[0] if ID3_MARKER in tags else None,
+            "others": sorted((k, repr(v)) for k, v in tags.items() if k not in {"TCON", ID3_MARKER}),
+            "pictures": len(tags.getall("APIC")),
+            "version": tags.version,
+        }
+    if family in ("flac", "ogg"):
+        f = FLAC(path) if family == "flac" else OggOpus(path) if path.suffix == ".opus" else OggVorbis(path)
+        pairs = list(f.tags or [])
+        pics = [(p.type, p.mime, p.data) for p in f.pictures] if family == "flac" else []
+        pics += [("mbp", v) for k, v in pairs if k.lower() == "metadata_block_picture"]
+        markers = [v for k, v in pairs if k.lower() == "tagger_genre"]
+        return {
+            "genres": [v for k, v in pairs if k.lower() == "genre"],
+            "marker": markers[0] if markers else None,
+            "others": sorted((k, v) for k, v in pairs if k.lower() not in {"genre", "tagger_genre"}) + pics,
+            "pictures": len(pics),
+            "version": None,
+        }
+    if family == "mp4":
+        tags = MP4(path).tags
+        return {
+            "genres": list(tags.get("©gen", [])),
+            "marker": bytes(tags[MP4_MARKER][0]).decode() if MP4_MARKER in tags else None,
+            "others": sorted((k, repr(v)) for k, v in tags.items() if k not in {"©gen", "gnre", MP4_MARKER}),
+            "pictures": len(tags.get("covr", [])),
+            "version": None,
+        }
+    tags = ASF(path).tags
+    return {
+        "genres": [str(v) for k, v in tags if k == "WM/Genre"],
+        "marker": next((str(v) for k, v in tags if k == ASF_MARKER), None),
+        "others": sorted((k, type(v).__name__, repr(v.value)) for k, v in tags if k not in {"WM/Genre", ASF_MARKER}),
+        "pictures": sum(1 for k, _ in tags if k == "WM/Picture"),
+        "version": None,
+    }
 
 
 def make_audio(

@@ -17,7 +17,6 @@ vanish or change mid-scan have tests of their own.
 
 from __future__ import annotations
 
-import base64
 import csv
 import hashlib
 import io
@@ -26,25 +25,15 @@ import os
 import shutil
 import signal
 import sqlite3
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
 import helpers
 import pytest
-from mutagen.aiff import AIFF
-from mutagen.asf import ASF, ASFByteArrayAttribute
-from mutagen.flac import FLAC, Picture
-from mutagen.id3 import APIC, TALB, TCON, TIT2, TPE1, PictureType
-from mutagen.mp3 import MP3
-from mutagen.mp4 import MP4, MP4Cover
-from mutagen.oggopus import OggOpus
-from mutagen.oggvorbis import OggVorbis
-from mutagen.wave import WAVE
+from mutagen.flac import FLAC
 
 ROOT = Path(__file__).resolve().parents[1]
 SECONDS = 8
@@ -54,18 +43,6 @@ TAGS = {"title": "Test Title", "artist": "Test Artist", "album": "Test Älbum"}
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "", "NO_COLOR": "1"}
 ENV.pop("TAGGER_CONFIG", None)
 
-
-def _png() -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00\xff\x00\x00")
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-PNG = _png()
 
 # file name: (ffmpeg codec args, tag family, genre set by a person?)
 FORMATS: dict[str, tuple[list[str], str, bool]] = {
@@ -80,8 +57,6 @@ FORMATS: dict[str, tuple[list[str], str, bool]] = {
     "wav.wav": (["-c:a", "pcm_s16le"], "id3", True),  # ID3 chunk (v2.3) added with mutagen
     "wma.wma": (["-c:a", "wmav2", "-b:a", "64k"], "asf", False),
 }
-ID3_CLASSES: dict[str, Any] = {".mp3": MP3, ".aiff": AIFF, ".wav": WAVE}
-MARKERS = {"id3": "TXXX:TAGGER_GENRE", "mp4": "----:org.tagger:TAGGER_GENRE", "asf": "TAGGER/Genre"}
 
 
 # --- making files -------------------------------------------------------------------
@@ -104,50 +79,6 @@ def excerpts(
     return paths
 
 
-def _picture() -> Picture:
-    pic = Picture()
-    pic.type, pic.mime, pic.data = PictureType.COVER_FRONT, "image/png", PNG
-    pic.width, pic.height, pic.depth = 1, 1, 24
-    return pic
-
-
-def _add_art(path: Path, family: str, hand: bool) -> None:
-    """Cover art (and, for the WAV, its whole ID3 chunk) the way a tagger would add it."""
-    if family == "id3":
-        f = ID3_CLASSES[path.suffix](path, translate=False)
-        if f.tags is None:  # the WAV: ffmpeg wrote no ID3 chunk
-            f.add_tags()
-            f.tags.add(TIT2(encoding=1, text=[TAGS["title"]]))
-            f.tags.add(TPE1(encoding=1, text=[TAGS["artist"]]))
-            f.tags.add(TALB(encoding=1, text=[TAGS["album"]]))
-            if hand:
-                f.tags.add(TCON(encoding=1, text=[HAND]))
-            f.tags.version = (2, 3, 0)
-        f.tags.add(
-            APIC(encoding=0, mime="image/png", type=PictureType.COVER_FRONT, desc="", data=PNG)
-        )
-        f.save(v2_version=f.tags.version[1], v23_sep=None)
-    elif family == "flac":
-        f = FLAC(path)
-        f.add_picture(_picture())
-        f.save()
-    elif family == "ogg":
-        f = OggOpus(path) if path.suffix == ".opus" else OggVorbis(path)
-        f["METADATA_BLOCK_PICTURE"] = [base64.b64encode(_picture().write()).decode("ascii")]
-        f.save()
-    elif family == "mp4":
-        f = MP4(path)
-        f.tags["covr"] = [MP4Cover(PNG, imageformat=MP4Cover.FORMAT_PNG)]
-        f.save()
-    else:
-        f = ASF(path)
-        mime = "image/png".encode("utf-16-le") + b"\0\0"
-        f.tags["WM/Picture"] = [
-            ASFByteArrayAttribute(struct.pack("<bi", 3, len(PNG)) + mime + b"\0\0" + PNG)
-        ]
-        f.save()
-
-
 def _make_library(folder: Path, excerpts: list[Path]) -> dict[Path, tuple[str, bool]]:
     """Every format, tagged and with cover art; ``{path: (family, has a hand-set genre)}``."""
     folder.mkdir()
@@ -162,7 +93,7 @@ def _make_library(folder: Path, excerpts: list[Path]) -> dict[Path, tuple[str, b
                 for a in ("-metadata", f"{k}={v}")
             ]
         helpers.run_ffmpeg("-i", str(excerpts[i % len(excerpts)]), *codec, *meta, str(path))
-        _add_art(path, family, hand)
+        helpers.add_art(path, family, TAGS, hand_genre=HAND if hand else None)
         files[path] = (family, hand)
     return files
 
@@ -171,52 +102,9 @@ def _make_library(folder: Path, excerpts: list[Path]) -> dict[Path, tuple[str, b
 
 
 def _read(path: Path, family: str) -> dict[str, Any]:
-    """Genre values, our marker's genres, everything else (pictures included), ID3 version."""
-    version = None
-    if family == "id3":
-        tags = ID3_CLASSES[path.suffix](path, translate=False).tags
-        genres = list(tags["TCON"].text) if "TCON" in tags else []
-        marker = tags[MARKERS["id3"]].text[0] if MARKERS["id3"] in tags else None
-        others = sorted((k, repr(v)) for k, v in tags.items() if k not in {"TCON", MARKERS["id3"]})
-        pictures = len(tags.getall("APIC"))
-        version = tags.version
-    elif family in ("flac", "ogg"):
-        opener = FLAC if family == "flac" else OggOpus if path.suffix == ".opus" else OggVorbis
-        f = opener(path)
-        pairs = list(f.tags or [])
-        genres = [v for k, v in pairs if k.lower() == "genre"]
-        markers = [v for k, v in pairs if k.lower() == "tagger_genre"]
-        marker = markers[0] if markers else None
-        others = sorted(
-            (k.lower(), v) for k, v in pairs if k.lower() not in {"genre", "tagger_genre"}
-        )
-        pictures = sum(1 for k, _ in pairs if k.lower() == "metadata_block_picture")
-        if family == "flac":
-            others += [("picture", p.mime, p.data) for p in f.pictures]
-            pictures += len(f.pictures)
-    elif family == "mp4":
-        tags = MP4(path).tags
-        genres = list(tags.get("©gen", []))
-        marker = bytes(tags[MARKERS["mp4"]][0]).decode() if MARKERS["mp4"] in tags else None
-        others = sorted(
-            (k, repr(v)) for k, v in tags.items() if k not in {"©gen", "gnre", MARKERS["mp4"]}
-        )
-        pictures = len(tags.get("covr", []))
-    else:
-        tags = ASF(path).tags
-        genres = [str(v) for k, v in tags if k == "WM/Genre"]
-        marker = next((str(v) for k, v in tags if k == MARKERS["asf"]), None)
-        others = sorted(
-            (k, repr(v.value)) for k, v in tags if k not in {"WM/Genre", MARKERS["asf"]}
-        )
-        pictures = sum(1 for k, _ in tags if k == "WM/Picture")
-    return {
-        "genres": genres,
-        "marker": json.loads(marker)["genres"] if marker else None,
-        "others": others,
-        "pictures": pictures,
-        "version": version,
-    }
+    """The file's tags as mutagen sees them, with our marker's genres parsed."""
+    tags = helpers.read_tags(path, family)
+    return {**tags, "marker": json.loads(tags["marker"])["genres"] if tags["marker"] else None}
 
 
 def _on_disk(genres: list[str], before: dict[str, Any]) -> list[str]:
@@ -224,14 +112,6 @@ def _on_disk(genres: list[str], before: dict[str, Any]) -> list[str]:
     if before["version"] is not None and before["version"][:2] == (2, 3):
         return [SEP.join(genres)] if genres else []
     return list(genres)
-
-
-def _audio_hash(path: Path) -> str:
-    """sha256 of the decoded first audio stream (cover art is a video stream to ffmpeg)."""
-    cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(path), "-map", "0:a:0", "-f", "s16le", "-"]  # fmt: skip
-    pcm = subprocess.run(cmd, check=True, capture_output=True).stdout
-    assert len(pcm) > 100_000
-    return hashlib.sha256(pcm).hexdigest()
 
 
 def _sha(path: Path) -> str:
@@ -371,11 +251,11 @@ def test_scan_end_to_end(tiny_bundle: Path, excerpts: list[Path], tmp_path: Path
     bare = sorted(p for p, (_, h) in files.items() if not h)
     original = {p: _read(p, fam) for p, (fam, _) in files.items()}
     sha0 = {p: _sha(p) for p in files}
-    audio0 = {p: _audio_hash(p) for p in files}
+    audio0 = {p: helpers.audio_hash(p) for p in files}
     for p, (_, h) in files.items():
         assert original[p]["pictures"] == 1 and len(original[p]["others"]) >= 4, p
         assert original[p]["genres"] == ([HAND] if h else []) and original[p]["marker"] is None, p
-    assert {original[p]["version"] for p in files if p.suffix in ID3_CLASSES} == {
+    assert {original[p]["version"] for p in files if p.suffix in helpers.ID3_CLASSES} == {
         (2, 3, 0),
         (2, 4, 0),
     }
@@ -442,7 +322,7 @@ def test_scan_end_to_end(tiny_bundle: Path, excerpts: list[Path], tmp_path: Path
         check(p, [HAND], ours=False)
         assert real_writes(db, p) == []
     assert statuses(db) == {**{str(p): "tagged" for p in bare}, **{str(p): "kept" for p in hand}}
-    assert all(_audio_hash(p) == audio0[p] for p in files), "decoded audio changed"
+    assert all(helpers.audio_hash(p) == audio0[p] for p in files), "decoded audio changed"
 
     # The query commands read what scan wrote.
     q = json.loads(tagger(cfg, "query", "--format", "json").stdout)
@@ -563,7 +443,7 @@ def test_scan_end_to_end(tiny_bundle: Path, excerpts: list[Path], tmp_path: Path
     )
     for p in files:
         check(p, [HAND] if p in hand else [], ours=False)
-        assert _audio_hash(p) == audio0[p], f"{p}: decoded audio changed"
+        assert helpers.audio_hash(p) == audio0[p], f"{p}: decoded audio changed"
     open_writes = rows(
         db, "SELECT id FROM tag_writes WHERE dry_run = 0 AND restored = 0 AND policy != 'restore'"
     )
@@ -611,7 +491,7 @@ def test_bad_inputs(tiny_bundle: Path, excerpts: list[Path], tmp_path: Path) -> 
     m4a = helpers.make_audio(excerpts[2], "m4a", tmp_path, name="whole.m4a")
     (lib / "corrupt.mp3").write_bytes(b"this is not audio\n" * 500)
     (lib / "empty.flac").write_bytes(b"")
-    (lib / "picture.ogg").write_bytes(PNG)  # not audio, whatever the extension says
+    (lib / "picture.ogg").write_bytes(helpers.PNG)  # not audio, whatever the extension says
     (lib / "notes.txt").write_text("not music; never looked at\n")
     data = good.read_bytes()
     (lib / "truncated.flac").write_bytes(data[: len(data) // 2])

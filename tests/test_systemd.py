@@ -63,14 +63,19 @@ def local_copy(unit: str, tmp_path: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("unit", list(UNITS))
-def test_unit_verifies_cleanly(unit: str, analyze: str, tmp_path: Path):
-    copy = local_copy(unit, tmp_path)
+def run_analyze(analyze: str, unit: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """systemd-analyze (``--user`` for the user unit) with a private runtime directory."""
     run = tmp_path / "run"
     run.mkdir(mode=0o700)
     env = {**os.environ, "XDG_RUNTIME_DIR": str(run), "SYSTEMD_LOG_COLOR": "0"}
-    cmd = [analyze, *(["--user"] if UNITS[unit] == "user" else []), "verify", str(copy)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    cmd = [analyze, *(["--user"] if UNITS[unit] == "user" else []), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("unit", list(UNITS))
+def test_unit_verifies_cleanly(unit: str, analyze: str, tmp_path: Path):
+    copy = local_copy(unit, tmp_path)
+    res = run_analyze(analyze, unit, tmp_path, "verify", str(copy))
     # verify exits 0 even for unknown keys or bad values: those are warnings, so any
     # output mentioning the unit is a failure too.
     noise = [ln for ln in (res.stdout + res.stderr).splitlines() if unit in ln or "Unknown" in ln or "Failed" in ln]
@@ -110,11 +115,7 @@ def test_unit_is_hardened_and_speaks_notify(unit: str):
 @pytest.mark.parametrize("unit", list(UNITS))
 def test_unit_exposure_is_low(unit: str, analyze: str, tmp_path: Path):
     copy = local_copy(unit, tmp_path)
-    run = tmp_path / "run"
-    run.mkdir(mode=0o700)
-    env = {**os.environ, "XDG_RUNTIME_DIR": str(run), "SYSTEMD_LOG_COLOR": "0"}
-    cmd = [analyze, *(["--user"] if UNITS[unit] == "user" else []), "security", "--offline=true", "--no-pager", str(copy)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    res = run_analyze(analyze, unit, tmp_path, "security", "--offline=true", "--no-pager", str(copy))
     if "--offline" in res.stderr and "unrecognized" in res.stderr:
         pytest.skip("systemd-analyze security --offline needs systemd >= 250")
     line = [ln for ln in res.stdout.splitlines() if "Overall exposure level" in ln]

@@ -9,30 +9,18 @@ bit-identical.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import os
 import shutil
 import stat
-import struct
-import subprocess
 import tempfile
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
+import helpers
 import pytest
-from mutagen.aiff import AIFF
-from mutagen.asf import ASF, ASFByteArrayAttribute
-from mutagen.flac import FLAC, Picture
-from mutagen.id3 import APIC, ID3, TALB, TIT2, TPE1, TSOP, TXXX, PictureType
-from mutagen.mp3 import MP3
-from mutagen.mp4 import MP4, MP4Cover
-from mutagen.oggopus import OggOpus
-from mutagen.oggvorbis import OggVorbis
-from mutagen.wave import WAVE
+from mutagen.flac import FLAC
+from mutagen.id3 import ID3
 
 from tagger import tags
 from tagger.tags import (
@@ -46,29 +34,9 @@ from tagger.tags import (
     write_genres,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-CLIPS = SHARED / "data" / "gtzan-audio-mini"
 SEP = "; "
 TAGS = {"title": "Test Title", "artist": "Test Artist", "album": "Test Älbum", "date": "2001"}
 
-
-def _png() -> bytes:
-    """A valid 1x1 PNG, built rather than pasted."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00"))
-        + chunk(b"IEND", b"")
-    )
-
-
-PNG = _png()
 
 # name: (extension, ffmpeg codec args, tag family, hand-set genre or None)
 FORMATS: dict[str, tuple[str, list[str], str, str | None]] = {
@@ -93,86 +61,15 @@ FORMATS: dict[str, tuple[str, list[str], str, str | None]] = {
     "wav": (".wav", ["-c:a", "pcm_s16le"], "id3", None),  # ID3 chunk (v2.3) added below
     "wma": (".wma", ["-c:a", "wmav2", "-b:a", "64k"], "asf", "Blues"),
 }
-ID3_CLASSES: dict[str, Any] = {".mp3": MP3, ".aiff": AIFF, ".wav": WAVE}
-
-
-def _ffmpeg(*args: str | Path) -> bytes:
-    cmd = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *map(str, args)]
-    return subprocess.run(cmd, check=True, capture_output=True).stdout
-
-
-def _audio_hash(path: Path) -> str:
-    """sha256 of the decoded first audio stream (cover art is a video stream to ffmpeg)."""
-    pcm = _ffmpeg("-i", path, "-map", "0:a:0", "-f", "s16le", "-")
-    assert len(pcm) > 100_000
-    return hashlib.sha256(pcm).hexdigest()
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def source(shared_audio: Path, ffmpeg: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 5-second untagged WAV excerpt of a shared clip."""
-    if shutil.which("ffmpeg") is None:
-        pytest.skip("ffmpeg is not installed")
-    clips = sorted(CLIPS.glob("*/*.flac")) if CLIPS.is_dir() else []
-    if not clips:
-        pytest.skip(f"shared audio clips not found under {CLIPS}")
+    clip = sorted(shared_audio.glob("*/*.flac"))[0]
     out = tmp_path_factory.mktemp("src") / "source.wav"
-    _ffmpeg("-t", "5", "-i", clips[0], "-map_metadata", "-1", "-c:a", "pcm_s16le", out)
+    helpers.run_ffmpeg("-t", "5", "-i", clip, "-map_metadata", "-1", "-c:a", "pcm_s16le", out)
     return out
-
-
-def _picture() -> Picture:
-    pic = Picture()
-    pic.type, pic.mime, pic.data = PictureType.COVER_FRONT, "image/png", PNG
-    pic.width, pic.height, pic.depth = 1, 1, 24
-    return pic
-
-
-def _add_art(path: Path, family: str) -> None:
-    """Cover art plus a few extra tags, added with mutagen the way a tagger would."""
-    if family == "id3":
-        cls = ID3_CLASSES[path.suffix]
-        f = cls(path, translate=False)
-        if f.tags is None:  # the WAV: ffmpeg wrote RIFF INFO only
-            f.add_tags()
-            f.tags.add(TIT2(encoding=1, text=[TAGS["title"]]))
-            f.tags.add(TPE1(encoding=1, text=[TAGS["artist"]]))
-            f.tags.add(TALB(encoding=1, text=[TAGS["album"]]))
-            f.tags.version = (2, 3, 0)
-        version = f.tags.version[1]
-        f.tags.add(
-            APIC(encoding=0, mime="image/png", type=PictureType.COVER_FRONT, desc="", data=PNG)
-        )
-        f.tags.add(TXXX(encoding=1, desc="MusicBrainz Album Id", text=["0000-1111"]))
-        # Off-spec in v2.3 but written by common taggers; must survive.
-        f.tags.add(TSOP(encoding=1, text=["Artist, Test"]))
-        kwargs: dict[str, Any] = {"v2_version": version, "v23_sep": None}
-        f.save(**kwargs)
-        return
-    if family == "flac":
-        f = FLAC(path)
-        pic = _picture()
-        f.add_picture(pic)
-        f["COMMENT"] = ["hand comment"]
-        f.save()
-    elif family == "ogg":
-        f = OggOpus(path) if path.suffix == ".opus" else OggVorbis(path)
-        pic = _picture()
-        f["METADATA_BLOCK_PICTURE"] = [base64.b64encode(pic.write()).decode("ascii")]
-        f["COMMENT"] = ["hand comment"]
-        f.save()
-    elif family == "mp4":
-        f = MP4(path)
-        f.tags["covr"] = [MP4Cover(PNG, imageformat=MP4Cover.FORMAT_PNG)]
-        f.tags["----:com.apple.iTunes:MusicBrainz Album Id"] = [b"0000-1111"]
-        f.save()
-    elif family == "asf":
-        f = ASF(path)
-        mime, desc = "image/png".encode("utf-16-le") + b"\0\0", b"\0\0"
-        blob = struct.pack("<bi", 3, len(PNG)) + mime + desc + PNG
-        f.tags["WM/Picture"] = [ASFByteArrayAttribute(blob)]
-        f.tags["WM/Composer"] = ["Test Composer"]
-        f.save()
 
 
 @pytest.fixture(scope="module")
@@ -188,71 +85,12 @@ def make_base(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Callabl
             meta = [a for k, v in TAGS.items() for a in ("-metadata", f"{k}={v}")]
             if genre:
                 meta += ["-metadata", f"genre={genre}"]
-            _ffmpeg("-i", source, *codec, *meta, out)
-            _add_art(out, family)
+            helpers.run_ffmpeg("-i", source, *codec, *meta, out)
+            helpers.add_art(out, family, TAGS, extras=True)
             cache[name] = out
         return cache[name]
 
     return make
-
-
-def _raw(path: Path, family: str) -> dict[str, Any]:
-    """What mutagen itself sees: genre values, marker, everything else, picture count."""
-    if family == "id3":
-        tags = ID3_CLASSES[path.suffix](path, translate=False).tags
-        genre_keys, marker_key = {"TCON"}, "TXXX:TAGGER_GENRE"
-        marker = tags[marker_key].text[0] if marker_key in tags else None
-        return {
-            "genres": list(tags["TCON"].text) if "TCON" in tags else [],
-            "marker": marker,
-            "others": sorted(
-                (k, repr(v)) for k, v in tags.items() if k not in genre_keys | {marker_key}
-            ),
-            "pictures": len(tags.getall("APIC")),
-            "version": tags.version,
-        }
-    if family in ("flac", "ogg"):
-        f = (
-            FLAC(path)
-            if family == "flac"
-            else (OggOpus(path) if path.suffix == ".opus" else OggVorbis(path))
-        )
-        pairs = list(f.tags)
-        skip = {"genre", "tagger_genre"}
-        pics = [(p.type, p.mime, p.data) for p in f.pictures] if family == "flac" else []
-        pics += [("mbp", v) for k, v in pairs if k.lower() == "metadata_block_picture"]
-        markers = [v for k, v in pairs if k.lower() == "tagger_genre"]
-        return {
-            "genres": [v for k, v in pairs if k.lower() == "genre"],
-            "marker": markers[0] if markers else None,
-            "others": sorted((k, v) for k, v in pairs if k.lower() not in skip) + pics,
-            "pictures": len(pics),
-            "version": None,
-        }
-    if family == "mp4":
-        tags = MP4(path).tags
-        key = "----:org.tagger:TAGGER_GENRE"
-        return {
-            "genres": list(tags.get("©gen", [])),
-            "marker": bytes(tags[key][0]).decode() if key in tags else None,
-            "others": sorted(
-                (k, repr(v)) for k, v in tags.items() if k not in {"©gen", "gnre", key}
-            ),
-            "pictures": len(tags.get("covr", [])),
-            "version": None,
-        }
-    tags = ASF(path).tags
-    return {
-        "genres": [str(v) for k, v in tags if k == "WM/Genre"],
-        "marker": next((str(v) for k, v in tags if k == "TAGGER/Genre"), None),
-        "others": sorted(
-            (k, type(v).__name__, repr(v.value))
-            for k, v in tags
-            if k not in {"WM/Genre", "TAGGER/Genre"}
-        ),
-        "pictures": sum(1 for k, _ in tags if k == "WM/Picture"),
-        "version": None,
-    }
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
@@ -261,8 +99,8 @@ def test_policies_on_real_file(name: str, make_base: Callable[[str], Path], tmp_
     base = make_base(name)
     path = tmp_path / f"track{ext}"
     shutil.copyfile(base, path)
-    before = _raw(path, family)
-    audio_before = _audio_hash(path)
+    before = helpers.read_tags(path, family)
+    audio_before = helpers.audio_hash(path)
     assert before["pictures"] == 1, "the test should have added cover art"
     assert len(before["others"]) >= 4, "the test file should carry ordinary tags"
     v23 = before["version"] == (2, 3, 0)
@@ -272,7 +110,7 @@ def test_policies_on_real_file(name: str, make_base: Callable[[str], Path], tmp_
         assert before["version"] == (2, 4, 0)
 
     def check(genres: tuple[str, ...], marker: Marker | None) -> None:
-        raw = _raw(path, family)
+        raw = helpers.read_tags(path, family)
         want = ([SEP.join(genres)] if genres else []) if v23 else list(genres)
         assert raw["genres"] == want
         assert raw["marker"] == (marker.dumps() if marker else None)
@@ -319,7 +157,7 @@ def test_policies_on_real_file(name: str, make_base: Callable[[str], Path], tmp_
     write_genres(path, original, None)
     check(original, None)
 
-    assert _audio_hash(path) == audio_before
+    assert helpers.audio_hash(path) == audio_before
     if ext == ".mp3":
         assert path.read_bytes()[-128:-125] != b"TAG", "an ID3v1 tag was added"
         assert path.read_bytes()[3] == (3 if v23 else 4)
@@ -343,7 +181,7 @@ def test_id3v1_is_updated_not_added_or_removed(
 
 def test_untagged_mp3_gets_id3v24(source: Path, tmp_path: Path) -> None:
     path = tmp_path / "bare.mp3"
-    _ffmpeg("-i", source, "-t", "1", "-c:a", "libmp3lame", "-id3v2_version", "0", path)
+    helpers.run_ffmpeg("-i", source, "-t", "1", "-c:a", "libmp3lame", "-id3v2_version", "0", path)
     assert path.read_bytes()[:3] != b"ID3"
     assert read_state(path) == GenreState((), None)
     write_genres(path, ["Rock", "Jazz"], Marker(("Rock", "Jazz"), "m", 1.0))
