@@ -39,6 +39,11 @@ class TrainConfig:
     freq_mask_width: int = 16
     ema_momentum: float = 0.99
     patience: int = 20
+    #: "best": keep each member's best epoch on valid (optimistic: valid then
+    #: overstates accuracy); "last": train the fixed number of epochs and keep the
+    #: end, valid only watched — the honest choice for a model whose valid figure
+    #: is reported.
+    select: str = "best"
     members: int = 1
     seed: int = 1234
     arch: dict = field(default_factory=dict)
@@ -207,7 +212,7 @@ def train_member(
             acc = clip_accuracy(probs, valid)
             row["val_accuracy"] = acc
             row["val_loss"] = float(-np.mean(np.log(probs[np.arange(len(probs)), valid.y] + 1e-9)))
-            if acc > best[0]:
+            if acc > best[0] and cfg.select == "best":
                 best = (acc, [np.array(v.numpy()) for v in model.variables], epoch + 1)
             _restore_bn(model, saved_bn)
             ema.swap()
@@ -217,9 +222,9 @@ def train_member(
             progress({**row, "member": seed, "epochs": cfg.epochs, "best": best[0]})
         if ckpt:
             _save_checkpoint(ckpt, epoch + 1, model, ema, history, best)
-        if valid is not None and best[2] is not None and epoch + 1 - best[2] >= cfg.patience:
+        if cfg.select == "best" and valid is not None and best[2] is not None and epoch + 1 - best[2] >= cfg.patience:
             break
-    if valid is not None and best[1] is not None:
+    if cfg.select == "best" and valid is not None and best[1] is not None:
         for v, w in zip(model.variables, best[1], strict=True):
             v.assign(w)
     else:
