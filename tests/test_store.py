@@ -247,6 +247,26 @@ def test_known_files_is_fast_for_100k_tracks(db: S.Database) -> None:
     assert elapsed < 1.0, f"known_files took {elapsed:.2f}s for {n} rows"
 
 
+def test_unsettled_lists_tracks_decided_under_other_settings(db: S.Database) -> None:
+    from tagger.store import repo
+
+    cases = {
+        "/m/same.flac": ("tagged", "s1"),
+        "/m/other.flac": ("kept", "s0"),
+        "/m/dry-run.flac": ("classified", None),
+        "/m/restored.flac": ("classified", "restored"),
+        "/m/failed.flac": ("failed", None),  # nothing to apply: classified again when it changes
+        "/m/pending.flac": ("pending", None),
+    }
+    with db.session() as s:
+        for path, (status, settings) in cases.items():
+            S.upsert_track(s, path, size=1, mtime=1.0, status=status)
+            repo.set_tag_settings(s, path, settings)
+    with db.session(write=False) as s:
+        assert repo.unsettled(s, "s1") == {"/m/other.flac", "/m/dry-run.flac"}
+        assert repo.unsettled(s, "s0") == {"/m/same.flac", "/m/dry-run.flac"}
+
+
 # --------------------------------------------------------------------------- job queue
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import bindparam, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from .models import (
@@ -137,14 +137,17 @@ def unsettled(session: Session, settings: str) -> set[str]:
     ``settings`` (a ``tag_settings`` hash): other settings, a dry run, a failed tag write.
     Restored tracks are settled under any settings.
 
-    One Core SELECT of two columns, like :func:`known_files`.
+    Filtered inside SQLite, so the usual answer (none) costs one pass over the table
+    and no Python objects.
     """
+    settled = _tracks.c.tag_settings.in_((settings, TAG_SETTINGS_RESTORED))
     rows = session.connection().execute(
-        select(_tracks.c.path, _tracks.c.tag_settings).where(
-            _tracks.c.status.in_((TRACK_CLASSIFIED, TRACK_TAGGED, TRACK_KEPT))
+        select(_tracks.c.path).where(
+            _tracks.c.status.in_((TRACK_CLASSIFIED, TRACK_TAGGED, TRACK_KEPT)),
+            or_(_tracks.c.tag_settings.is_(None), ~settled),
         )
     )
-    return {path for path, applied in rows if applied != settings and applied != TAG_SETTINGS_RESTORED}
+    return set(rows.scalars())
 
 
 def set_tag_settings(session: Session, path: str, settings: str | None) -> None:
