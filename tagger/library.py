@@ -379,6 +379,7 @@ class Library:
             settle(TRACK_TAGGED if state.ours else TRACK_KEPT if state.genres else TRACK_CLASSIFIED, settled=None)
             return Outcome(path, "would-tag", new, state.genres, top, d.reason + note, below)
         marker = tags.Marker(d.added, model_tag, round(top, 4)) if d.added else None
+        self._drop_unwritten(track_id, state)
         # Write-ahead: the record of the change is committed before the file is touched,
         # so even a kill -9 mid-write leaves restore its "before" value. Restore only acts
         # where the file holds what the record says was written, so a write that never
@@ -406,6 +407,18 @@ class Library:
                 repo.set_status(s, path, status)
                 repo.set_tag_settings(s, path, settings)
         return Outcome(path, "tagged", new, state.genres, top, d.reason + note, below)
+
+    def _drop_unwritten(self, track_id: int, state: tags.GenreState) -> None:
+        """Delete the write-ahead record of a write that never happened (a kill -9 between
+        the record and the file's replace): the file is still exactly as that record found
+        it, so the write about to be made is the first, and is recorded once."""
+        if state.raw is None:
+            return
+        with self.db.session() as s:
+            writes = repo.open_writes(s, track_id)
+            last = writes[-1] if writes else None
+            if last is not None and last.raw_before == state.raw and _fold(last.genres_after) != _fold(state.genres):
+                repo.delete_tag_write(s, last.id)
 
     def _ours_only(self, state: tags.GenreState, track_id: int) -> tags.GenreState:
         """Narrow a marker an older tagger wrote, which named every value written, a

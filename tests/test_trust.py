@@ -280,3 +280,35 @@ def test_marker_of_an_older_tagger_is_narrowed_by_the_database(excerpts: list[Pa
         assert read_state(path).added == (*PERSON, "Jazz")
     finally:
         db.dispose()
+
+
+def test_write_ahead_record_of_a_write_that_never_happened_is_not_counted(excerpts: list[Path], tmp_path: Path) -> None:  # noqa: F811
+    """kill -9 between the write-ahead record and the file's replace leaves a record of a
+    write that never happened; the next write replaces it, so the file is tagged once in
+    the database as on disk (and a restore still finds the original)."""
+    path = helpers.make_audio(excerpts[0], "flac", tmp_path, name="killed.flac")
+    exact = helpers.exact_tags(path)
+    db = open_db(tmp_path / "t.db")
+    try:
+        st = path.stat()
+        with db.session() as s:  # what the killed scan left: pending, a prediction, the record
+            t = repo.upsert_track(s, str(path), size=st.st_size, mtime=st.st_mtime, status="pending")
+            m = repo.ensure_model(s, "c" * 64, "m", ["jazz", "rock"])
+            repo.record_prediction(s, t.id, m, {"jazz": 0.1, "rock": 0.9}, ["Rock"], 1)
+            repo.record_tag_write(s, t.id, policy="keep", before=[], after=["Rock"], raw_before=read_state(path).raw)
+            track_id = t.id
+        lib = Library(db, None, Options(min_confidence=0.0))
+        out = lib.reapply(FileStat(str(path), st.st_size, st.st_mtime))
+        assert out is not None and out.action == "tagged" and read_state(path).genres == ("Rock",)
+        with db.session(write=False) as s:
+            assert [w.genres_after for w in repo.open_writes(s, track_id)] == [["Rock"]]
+        # A record whose write did happen is kept: refreshing ours adds a second one.
+        lib.options.top_k = 2
+        st = path.stat()
+        assert lib.reapply(FileStat(str(path), st.st_size, st.st_mtime)).action == "tagged"
+        with db.session(write=False) as s:
+            assert [w.genres_after for w in repo.open_writes(s, track_id)] == [["Rock"], ["Rock", "Jazz"]]
+        assert [o.action for o in lib.restore(None)] == ["restored"]
+        assert helpers.exact_tags(path) == exact
+    finally:
+        db.dispose()
