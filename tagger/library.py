@@ -9,12 +9,14 @@ watcher) does not mistake tagger's change for the user's.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 import logging
 import os
 import signal
 import stat as statmod
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from .model.infer import Classification, Classifier
 from .store import repo
 from .store.db import Database
 from .store.models import (
+    TAG_SETTINGS_RESTORED,
     TRACK_CLASSIFIED,
     TRACK_FAILED,
     TRACK_KEPT,
@@ -171,6 +174,17 @@ class Options:
                 setattr(opts, k, v)
         return opts
 
+    def fingerprint(self) -> str:
+        """A short hash of the settings that decide what a prediction writes.
+
+        Recorded per track (``tracks.tag_settings``): a scan under other settings
+        applies them from the stored prediction instead of calling the file unchanged.
+        The separator is left out: it is how ID3v2.3 spells several genres, not a choice
+        of genres.
+        """
+        data = {"policy": self.policy, "top_k": self.top_k, "min_confidence": self.min_confidence, "names": sorted(self.names.items())}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
 
 @dataclass
 class Outcome:
@@ -182,9 +196,15 @@ class Outcome:
     before: tuple[str, ...] = ()
     confidence: float | None = None
     reason: str = ""
+    #: Genres within top_k left out for being below min_confidence (when some were chosen).
+    below: int = 0
 
     def to_json(self) -> dict:
-        return {"path": self.path, "action": self.action, "genres": list(self.genres), "before": list(self.before), "confidence": self.confidence, "reason": self.reason}
+        return {"path": self.path, "action": self.action, "genres": list(self.genres), "before": list(self.before), "confidence": self.confidence, "reason": self.reason, "below_min_confidence": self.below}
+
+
+def _fold(genres: Iterable[str]) -> tuple[str, ...]:
+    return tuple(g.casefold() for g in genres)
 
 
 class Library:
@@ -227,19 +247,34 @@ class Library:
             todo.append(f)
         return todo, unchanged
 
-    def choose(self, result: Classification) -> tuple[list[str], float]:
-        """The labels to write: the top ``top_k`` at or above ``min_confidence``."""
-        ranked = result.ranked()
+    def unsettled(self, files: Iterable[FileStat], todo: Iterable[FileStat]) -> list[FileStat]:
+        """Files not in ``todo`` whose genre was decided under other tag settings.
+
+        Other settings (``--policy``, ``--top-k``, ``min_confidence``, genre names),
+        a dry run or a failed tag write: :meth:`reapply` applies the settings from
+        the stored prediction, without classifying the file again.
+        """
+        skip = {f.path for f in todo}
+        with self.db.session(write=False) as s:
+            stale = repo.unsettled(s, self.options.fingerprint())
+        return [f for f in files if f.path in stale and f.path not in skip]
+
+    def choose(self, probabilities: Mapping[str, float]) -> tuple[list[str], float, int]:
+        """The labels to write: the top ``top_k`` at or above ``min_confidence``.
+
+        Also the top probability, and how many of the top ``top_k`` were left out for
+        being below ``min_confidence`` while others were chosen (for the summary).
+        """
+        ranked = sorted(probabilities.items(), key=lambda kv: -kv[1])[: self.options.top_k]
         top = ranked[0][1] if ranked else 0.0
-        chosen = [g for g, p in ranked[: self.options.top_k] if p >= self.options.min_confidence]
-        return chosen, top
+        chosen = [g for g, p in ranked if p >= self.options.min_confidence]
+        return chosen, top, (len(ranked) - len(chosen) if chosen else 0)
 
     def display(self, label: str) -> str:
         return self.options.names.get(label, label.title())
 
     def apply(self, result: Classification, seen: FileStat) -> Outcome:
         """Record a classification and write the genre into the file if the policy says so."""
-        opts = self.options
         path = result.path
         if not result.ok:
             with self.db.session() as s:
@@ -248,6 +283,51 @@ class Library:
                 repo.upsert_track(s, path, size=seen.size, mtime=seen.mtime, status=TRACK_FAILED)
                 repo.mark_failed(s, path, result.error or "unknown error")
             return Outcome(path, "failed", reason=result.error or "")
+        st = self._still(seen)
+        if isinstance(st, Outcome):
+            return st
+        ext = Path(path).suffix.lower().lstrip(".")
+        model_id = self.model_id
+        with self.db.session() as s:
+            # Pending until the outcome below is recorded: a scan interrupted in between
+            # leaves the file for the next scan to take again.
+            track = repo.upsert_track(s, path, size=st.st_size, mtime=st.st_mtime, duration=result.duration, format=ext, status=TRACK_PENDING)
+            labels, _, _ = self.choose(result.probabilities)
+            repo.record_prediction(s, track.id, model_id, result.probabilities, [self.display(g) for g in labels], result.windows)
+            track_id = track.id
+        model_tag = self.classifier.bundle.sha256[:12] if self.classifier else ""
+        return self._tag(path, track_id, st, result.probabilities, model_id, model_tag)
+
+    def reapply(self, seen: FileStat) -> Outcome | None:
+        """Apply the current tag settings to an unchanged file from its stored prediction.
+
+        No decoding, no model: what ``scan --policy merge`` or ``--top-k 2`` on an
+        already-scanned library needs. None when there is no prediction to apply (the
+        file must be classified).
+        """
+        from .store.models import Model
+
+        path = seen.path
+        with self.db.session(write=False) as s:
+            track = repo.get_track(s, path)
+            pred = repo.latest_prediction(s, track.id) if track is not None else None
+            if track is None or pred is None:
+                return None
+            track_id, probabilities, model_id = track.id, dict(pred.probabilities), pred.model_id
+            windows, created = pred.windows, pred.created_at
+            model = s.get(Model, model_id)
+            model_tag = model.sha256[:12] if model is not None else ""
+        st = self._still(seen)
+        if isinstance(st, Outcome):
+            return st
+        labels, _, _ = self.choose(probabilities)
+        with self.db.session() as s:
+            repo.record_prediction(s, track_id, model_id, probabilities, [self.display(g) for g in labels], windows, now=created)
+        return self._tag(path, track_id, st, probabilities, model_id, model_tag)
+
+    def _still(self, seen: FileStat) -> os.stat_result | Outcome:
+        """The file's stat if it is still the one looked at, else the outcome to report."""
+        path = seen.path
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -258,40 +338,48 @@ class Library:
             with self.db.session() as s:
                 _forget(s, path, "changed during the scan")
             return Outcome(path, "changed", reason="changed during the scan; will be classified again")
-        labels, top = self.choose(result)
+        return st
+
+    def _tag(self, path: str, track_id: int, st: os.stat_result, probabilities: Mapping[str, float], model_id: int, model_tag: str) -> Outcome:
+        """Decide under the policy and write; record the outcome and the settings it was decided under."""
+        opts = self.options
+        settings = opts.fingerprint()
+        labels, top, below = self.choose(probabilities)
         genres = tuple(self.display(g) for g in labels)
-        ext = Path(path).suffix.lower().lstrip(".")
-        model_id = self.model_id
-        with self.db.session() as s:
-            # Pending until the outcome below is recorded: a scan interrupted in between, or a
-            # dry run that would write, leaves the file for the next scan to take again.
-            track = repo.upsert_track(s, path, size=st.st_size, mtime=st.st_mtime, duration=result.duration, format=ext, status=TRACK_PENDING)
-            repo.record_prediction(s, track.id, model_id, result.probabilities, list(genres), result.windows)
-            track_id = track.id
+
+        def settle(status: str, error: str | None = None, settled: str | None = settings) -> None:
+            with self.db.session() as s:
+                repo.set_status(s, path, status, error=error)
+                repo.set_tag_settings(s, path, settled)
+
         if not genres:
-            best = result.ranked()[0]
-            reason = f"low confidence: {best[0]} {best[1]:.2f} < {opts.min_confidence:.2f}"
-            with self.db.session() as s:
-                repo.set_status(s, path, TRACK_CLASSIFIED, error=None)
-            return Outcome(path, "low-confidence", confidence=top, reason=reason)
+            best, p = max(probabilities.items(), key=lambda kv: kv[1])
+            settle(TRACK_CLASSIFIED)
+            return Outcome(path, "low-confidence", confidence=top, reason=f"low confidence: {best} {p:.2f} < {opts.min_confidence:.2f}")
         try:
-            state = tags.read_state(path, separator=opts.separator)
+            state = self._ours_only(tags.read_state(path, separator=opts.separator), track_id)
         except tags.TagError as exc:
-            with self.db.session() as s:
-                repo.set_status(s, path, TRACK_CLASSIFIED, error=f"tags unreadable: {exc}")
-            return Outcome(path, "failed", genres, confidence=top, reason=str(exc))
-        new, why = tags.decide(state, genres, opts.policy)
-        if new is None:
+            settle(TRACK_CLASSIFIED, f"tags unreadable: {exc.reason}", None)
+            return Outcome(path, "failed", genres, confidence=top, reason=exc.reason, below=below)
+        note = _content_note(path, state.kind)
+        d = tags.decide(state, genres, opts.policy)
+        if d.genres is None:
             status = TRACK_TAGGED if state.ours else TRACK_KEPT
-            with self.db.session() as s:
-                repo.set_status(s, path, status)
-            return Outcome(path, "kept" if status == TRACK_KEPT else "unchanged", genres, state.genres, top, why)
-        change = {"policy": opts.policy, "before": list(state.genres), "after": list(new), "reason": why, "model_id": model_id}
+            settle(status)
+            action = "kept" if status == TRACK_KEPT else "unchanged"
+            return Outcome(path, action, genres, state.genres, top, d.reason + note, below)
+        new = d.genres
+        change = {"policy": opts.policy, "before": list(state.genres), "after": list(new), "raw_before": state.raw, "reason": d.reason, "model_id": model_id}
         if opts.dry_run:
             with self.db.session() as s:
                 repo.record_tag_write(s, track_id, **change, dry_run=True)
-            return Outcome(path, "would-tag", new, state.genres, top, why)
-        marker = tags.Marker(tuple(new), self.classifier.bundle.sha256[:12] if self.classifier else "", round(top, 4))
+            # Nothing was written: the status says what the file holds now (tagger's genre,
+            # only a person's, or none), and the settings stay unsettled so that the next
+            # real scan does what this one showed.
+            settle(TRACK_TAGGED if state.ours else TRACK_KEPT if state.genres else TRACK_CLASSIFIED, settled=None)
+            return Outcome(path, "would-tag", new, state.genres, top, d.reason + note, below)
+        marker = tags.Marker(d.added, model_tag, round(top, 4)) if d.added else None
+        self._drop_unwritten(track_id, state)
         # Write-ahead: the record of the change is committed before the file is touched,
         # so even a kill -9 mid-write leaves restore its "before" value. Restore only acts
         # where the file holds what the record says was written, so a write that never
@@ -301,22 +389,45 @@ class Library:
                 write_id = repo.record_tag_write(s, track_id, **change).id
             try:
                 tags.write_genres(path, new, marker, separator=opts.separator, expect=st)
-            except tags.FileChanged as exc:
+            except tags.FileChanged:
                 # Moved, deleted or edited meanwhile: nothing was written.
                 with self.db.session() as s:
                     repo.delete_tag_write(s, write_id)
-                    _forget(s, path, str(exc))
-                return Outcome(path, "changed", new, state.genres, top, "changed while being tagged; will be classified again")
+                    _forget(s, path, "changed while being tagged")
+                return Outcome(path, "changed", new, state.genres, top, "changed while being tagged; will be classified again", below)
             except tags.TagError as exc:
                 with self.db.session() as s:
                     repo.delete_tag_write(s, write_id)
-                    repo.set_status(s, path, TRACK_CLASSIFIED, error=f"tag write failed: {exc}")
-                return Outcome(path, "failed", new, state.genres, top, f"tag write failed: {exc}")
+                settle(TRACK_CLASSIFIED, f"tag write failed: {exc.reason}", None)
+                return Outcome(path, "failed", new, state.genres, top, f"tag write failed: {exc.reason}", below)
             st = os.stat(path)
+            status = TRACK_TAGGED if d.added else TRACK_KEPT  # a merge may leave only the person's values
             with self.db.session() as s:
-                repo.upsert_track(s, path, size=st.st_size, mtime=st.st_mtime, status=TRACK_TAGGED)
-                repo.set_status(s, path, TRACK_TAGGED)
-        return Outcome(path, "tagged", new, state.genres, top, why)
+                repo.upsert_track(s, path, size=st.st_size, mtime=st.st_mtime, status=status)
+                repo.set_status(s, path, status)
+                repo.set_tag_settings(s, path, settings)
+        return Outcome(path, "tagged", new, state.genres, top, d.reason + note, below)
+
+    def _drop_unwritten(self, track_id: int, state: tags.GenreState) -> None:
+        """Delete the write-ahead record of a write that never happened (a kill -9 between
+        the record and the file's replace): the file is still exactly as that record found
+        it, so the write about to be made is the first, and is recorded once."""
+        if state.raw is None:
+            return
+        with self.db.session() as s:
+            writes = repo.open_writes(s, track_id)
+            last = writes[-1] if writes else None
+            if last is not None and last.raw_before == state.raw and _fold(last.genres_after) != _fold(state.genres):
+                repo.delete_tag_write(s, last.id)
+
+    def _ours_only(self, state: tags.GenreState, track_id: int) -> tags.GenreState:
+        """Narrow a marker an older tagger wrote, which named every value written, a
+        person's merged ones too, to what this database says tagger added."""
+        if state.marker is None or not state.marker.legacy:
+            return state
+        with self.db.session(write=False) as s:
+            theirs = {g.casefold() for w in repo.open_writes(s, track_id) if w.policy == "merge" for g in w.genres_before}
+        return state.with_added([g for g in state.marker.added if g.casefold() not in theirs])
 
     def process(self, files: list[FileStat]) -> Iterator[Outcome]:
         """Classify ``files`` in shared batches and apply each result as it arrives."""
@@ -326,10 +437,12 @@ class Library:
             yield self.apply(result, by_path[result.path])
 
     def restore(self, paths: Iterable[str] | None) -> list[Outcome]:
-        """Put back the genre a file had before tagger first touched it.
+        """Put back the genre a file had before tagger first touched it, exactly as stored.
 
         Only where the file still holds what tagger last wrote: a genre a person
-        set since then is theirs and stays.
+        set since then is theirs and stays. The genre and marker fields are written
+        back as the file stored them (numeric ID3 genres, padding, encodings), and a
+        tag block tagger created is removed again.
         """
         from sqlalchemy import select
 
@@ -346,32 +459,49 @@ class Library:
         for path in todo:
             with self.db.session(write=False) as s:
                 track = repo.get_track(s, path)
-                writes = list(s.scalars(select(TagWrite).where(TagWrite.track_id == track.id, *open_writes).order_by(TagWrite.id)))
+                writes = repo.open_writes(s, track.id)
+                track_id = track.id
             first, last = writes[0], writes[-1]
             try:
+                st = os.stat(path)
                 state = tags.read_state(path, separator=self.options.separator)
             except tags.TagError as exc:
-                out.append(Outcome(path, "failed", reason=str(exc)))
+                out.append(Outcome(path, "failed", reason=exc.reason))
                 continue
-            if tuple(g.casefold() for g in state.genres) != tuple(g.casefold() for g in last.genres_after):
+            except OSError as exc:
+                out.append(Outcome(path, "failed", reason=exc.strerror or str(exc)))
+                continue
+            if _fold(state.genres) != _fold(last.genres_after):
                 out.append(Outcome(path, "kept", state.genres, reason="genre changed since tagger wrote it; left alone"))
                 continue
             before = tuple(first.genres_before or ())
             if not self.options.dry_run:
                 with _interrupt_deferred():
                     try:
-                        tags.write_genres(path, before, None, separator=self.options.separator)
+                        if first.raw_before is not None:
+                            tags.restore_fields(path, first.raw_before, expect=st)
+                        else:  # recorded by a tagger that kept no raw values: the values as read
+                            tags.write_genres(path, before, None, separator=self.options.separator, expect=st)
                     except tags.TagError as exc:
-                        out.append(Outcome(path, "failed", reason=str(exc)))
+                        out.append(Outcome(path, "failed", reason=exc.reason))
                         continue
                     st = os.stat(path)
                     with self.db.session() as s:
                         repo.upsert_track(s, path, size=st.st_size, mtime=st.st_mtime, status=TRACK_CLASSIFIED)
+                        repo.set_tag_settings(s, path, TAG_SETTINGS_RESTORED)  # stays restored until it changes
                         for w in writes:
                             repo.mark_restored(s, w.id)
-                        repo.record_tag_write(s, track.id, policy="restore", before=list(state.genres), after=list(before), reason="restored the genre from before tagger")
+                        repo.record_tag_write(s, track_id, policy="restore", before=list(state.genres), after=list(before), reason="restored the genre from before tagger")
             out.append(Outcome(path, "restored" if not self.options.dry_run else "would-restore", before, state.genres))
         return out
+
+
+def _content_note(path: str, kind: str) -> str:
+    """"; FLAC content in a .mp3 file" when the name says another format than the bytes."""
+    named = tags.named_kind(path)
+    if not kind or kind == named:
+        return ""
+    return f"; {kind} content in a {Path(path).suffix} file"
 
 
 __all__ = ["FileStat", "Library", "Options", "Outcome", "walk", "TRACK_FAILED"]

@@ -122,12 +122,23 @@ def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confi
             click.echo(f"tagger: skipped {p}: {why}", err=True)
         known = library.known()
         todo, unchanged = library.changed(files, known, force=force)
-        counts["unchanged"] += unchanged
+        # Unchanged files whose tags were decided under other settings (or not settled:
+        # a dry run, a failed write) get these settings from their stored prediction.
+        retag = library.unsettled(files, todo)
+        counts["unchanged"] += unchanged - len(retag)
         _mark_vanished(library, roots, known, {f.path for f in files}, walk_errors)
+        reporter = Reporter(len(todo) + len(retag), quiet=as_json)
+        for f in retag:
+            outcome = library.reapply(f)
+            if outcome is None:  # no prediction to apply: classify it
+                todo.append(f)
+                continue
+            counts[outcome.action] += 1
+            outcomes.append(outcome)
+            reporter.step(outcome)
         if todo:
             # Register the model now: a locked database fails here, before anything is decoded.
             _ = library.model_id
-        reporter = Reporter(len(todo), quiet=as_json)
         for outcome in library.process(todo):
             counts[outcome.action] += 1
             outcomes.append(outcome)
@@ -156,6 +167,7 @@ def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confi
         "model": {"name": bundle.name, "sha256": bundle.sha256},
         "skipped_paths": [{"path": p, "reason": r} for p, r in walk_errors],
         "failures": [{"path": o.path, "reason": o.reason} for o in outcomes if o.action == "failed"],
+        "notes": _notes(outcomes, options),
     }
     if as_json:
         summary["files"] = [o.to_json() for o in outcomes]
@@ -167,7 +179,9 @@ def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confi
                     click.echo(f"would tag {o.path}: {'; '.join(o.before) or '(no genre)'} -> {'; '.join(o.genres)} ({o.confidence:.0%})")
         parts = ", ".join(f"{v} {k}" for k, v in summary["counts"].items() if v)
         click.echo(f"{'interrupted: ' if interrupted else ''}{parts or 'nothing to do'} in {elapsed:.1f}s" + (f" ({summary['tracks_per_second']} tracks/s)" if processed else ""))
-        reasons = Counter(_reason_kind(f["reason"]) for f in summary["failures"])
+        for note in summary["notes"]:
+            click.echo(f"  {note}")
+        reasons = Counter(f["reason"] for f in summary["failures"])
         for why, n in reasons.most_common():
             click.echo(f"  {n} failed: {why}")
     if interrupted:
@@ -175,10 +189,18 @@ def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confi
     return EXIT_FAILURES if counts["failed"] or walk_errors or missing_roots else EXIT_OK
 
 
-def _reason_kind(reason: str) -> str:
-    """Group failure reasons for the summary (paths and numbers stripped)."""
-    text = reason.split(": ", 1)[1] if reason.startswith("/") and ": " in reason else reason
-    return text[:80]
+def _notes(outcomes: list[Outcome], options: Options) -> list[str]:
+    """What the settings left undone that a reader would otherwise have to guess.
+
+    ``--top-k 2`` that wrote one genre on most files says why: the second was below
+    ``min_confidence``.
+    """
+    short = sum(1 for o in outcomes if o.below and o.action != "failed")
+    if not short:
+        return []
+    k, floor = options.top_k, options.min_confidence
+    what = "second genre" if k == 2 else f"fewer than {k} genres: the rest"
+    return [f"{what} below min_confidence {floor:.2f} on {short} file{'s' if short != 1 else ''}"]
 
 
 def _mark_vanished(library: Library, roots: list[Path], known: dict, seen: set[str], walk_errors) -> None:

@@ -188,6 +188,41 @@ def read_tags(path: Path, family: str) -> dict[str, Any]:
     }
 
 
+def exact_tags(path: Path) -> dict[str, Any]:
+    """Every tag frame or field of ``path`` as stored, for "identical to before" checks.
+
+    ID3: every frame's repr (encoding and raw text: ``(17)`` is not ``Rock``), whether an
+    ID3v2 tag exists, its version, the ID3v1 block byte for byte. Vorbis comments: the
+    ordered (key, value) list, the vendor string, FLAC's metadata block types. MP4: every
+    atom's repr and whether a metadata atom exists. ASF: the ordered attributes with
+    type, language and stream. The format comes from the content, as in tagger.
+    """
+    import mutagen
+
+    f = mutagen.File(path)
+    assert f is not None, path
+    data = path.read_bytes()
+    if isinstance(f, (MP3, AIFF, WAVE)):
+        tags = type(f)(path, translate=False).tags
+        return {
+            "id3v2": None if tags is None or tags.version < (2, 2, 0) else tags.version,
+            "frames": sorted(repr(v) for v in tags.values()) if tags is not None else [],
+            "id3v1": data[-128:] if isinstance(f, MP3) and data[-128:-125] == b"TAG" else None,
+        }
+    if isinstance(f, (FLAC, OggOpus, OggVorbis)):
+        blocks = [b.code for b in f.metadata_blocks if b.code != 1] if isinstance(f, FLAC) else None  # 1: padding
+        return {
+            "comments": list(f.tags) if f.tags is not None else None,
+            "vendor": f.tags.vendor if f.tags is not None else None,
+            "blocks": blocks,
+            "pictures": [(p.type, p.mime, p.data) for p in f.pictures] if isinstance(f, FLAC) else None,
+        }
+    if isinstance(f, MP4):
+        return {"atoms": sorted((k, repr(v)) for k, v in f.tags.items()) if f.tags is not None else None}
+    assert isinstance(f, ASF), path
+    return {"attributes": [(k, type(v).__name__, repr(v.value), v.language, v.stream) for k, v in f.tags]}
+
+
 def make_audio(
     src: str | Path,
     fmt: str,

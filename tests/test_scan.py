@@ -104,7 +104,7 @@ def _make_library(folder: Path, excerpts: list[Path]) -> dict[Path, tuple[str, b
 def _read(path: Path, family: str) -> dict[str, Any]:
     """The file's tags as mutagen sees them, with our marker's genres parsed."""
     tags = helpers.read_tags(path, family)
-    return {**tags, "marker": json.loads(tags["marker"])["genres"] if tags["marker"] else None}
+    return {**tags, "marker": json.loads(tags["marker"])["added"] if tags["marker"] else None}
 
 
 def _on_disk(genres: list[str], before: dict[str, Any]) -> list[str]:
@@ -260,12 +260,13 @@ def test_scan_end_to_end(tiny_bundle: Path, excerpts: list[Path], tmp_path: Path
         (2, 4, 0),
     }
 
-    def check(path: Path, genres: list[str], ours: bool) -> None:
-        """The file holds ``genres`` (with our marker or none); nothing else changed."""
+    def check(path: Path, genres: list[str], ours: bool, added: list[str] | None = None) -> None:
+        """The file holds ``genres``, our marker naming ``added`` (default: all of them) or
+        none; nothing else changed."""
         family, _ = files[path]
         now = _read(path, family)
         assert now["genres"] == _on_disk(genres, original[path]), path
-        assert now["marker"] == (genres if ours else None), path
+        assert now["marker"] == ((genres if added is None else added) if ours else None), path
         assert now["others"] == original[path]["others"], f"{path}: other tags or cover art changed"
         assert now["version"] == original[path]["version"], path
 
@@ -374,6 +375,7 @@ def test_scan_end_to_end(tiny_bundle: Path, excerpts: list[Path], tmp_path: Path
 
     # 4. Dry run of merge: says what it would do, writes no file; a real scan then does it.
     sha = {p: _sha(p) for p in files}
+    status = statuses(db)
     proc = tagger(cfg, "scan", "--dry-run", "--force", "--policy", "merge", str(lib))
     would = [line for line in proc.stdout.splitlines() if line.startswith("would tag ")]
     assert sorted(line.split(": ")[0].removeprefix("would tag ") for line in would) == [
@@ -382,15 +384,16 @@ def test_scan_end_to_end(tiny_bundle: Path, excerpts: list[Path], tmp_path: Path
     assert all(f": {HAND} -> {HAND}; " in line for line in would), would
     assert f"{len(hand)} would-tag, {len(bare)} unchanged" in proc.stdout.splitlines()[-1]
     assert {p: _sha(p) for p in files} == sha, "a dry run changed a file"
+    assert statuses(db) == status, "a dry run must leave each track's status as it truly is"
     dry = rows(db, "SELECT genres_after FROM tag_writes WHERE dry_run = 1")
     assert len(dry) == len(hand)
     summary = scan(cfg, "--policy", "merge", str(lib))  # no --force: the dry run left them to do
     assert sorted(o["path"] for o in summary["files"]) == [str(p) for p in hand]
     assert summary["counts"]["tagged"] == len(hand) and summary["counts"]["unchanged"] == len(bare)
-    for p in hand:
-        check(p, [HAND, *picked[str(p)]], ours=True)
+    for p in hand:  # the marker names only what tagger added, not the person's genre
+        check(p, [HAND, *picked[str(p)]], ours=True, added=picked[str(p)])
 
-    # 5. Replace: our genre only (the marker shows the merged value was ours too).
+    # 5. Replace: our genre only.
     summary = scan(cfg, "--force", "--policy", "replace", *map(str, hand))
     assert summary["counts"]["tagged"] == len(hand) and len(summary["files"]) == len(hand)
     for p in files:
@@ -431,11 +434,12 @@ def test_scan_end_to_end(tiny_bundle: Path, excerpts: list[Path], tmp_path: Path
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     current = tagger(cfg, "db", "current").stdout
     assert (
-        str(db) in current and "revision 0001 (head 0001)" in current and "upgrade" not in current
+        str(db) in current and "revision 0002 (head 0002)" in current and "upgrade" not in current
     )
     assert tagger(cfg, "db", "path").stdout.strip() == str(db)
 
-    # 6. Restore: every file gets back what the person had; a re-scan leaves that alone.
+    # 6. Restore: every file gets back what the person had; a re-scan (under other settings
+    # than the last tagging's, even) leaves that alone, and nothing shows as written.
     proc = tagger(cfg, "restore", "--all")
     lines = proc.stdout.splitlines()
     assert len(lines) == len(files) and all(line.startswith("restored") for line in lines), (
@@ -449,9 +453,7 @@ def test_scan_end_to_end(tiny_bundle: Path, excerpts: list[Path], tmp_path: Path
     )
     assert open_writes == []
     q = json.loads(tagger(cfg, "query", "--format", "json").stdout)
-    assert {r["path"]: r["written_genres"] for r in q} == {
-        str(p): [HAND] if p in hand else [] for p in files
-    }
+    assert {r["path"]: r["written_genres"] for r in q} == {str(p): [] for p in files}
     assert set(statuses(db).values()) == {"classified"}
     assert tagger(cfg, "restore", "--all").stdout.strip() == "nothing to restore"
     summary = scan(cfg, str(lib))

@@ -88,6 +88,43 @@ def test_downgrade_to_base_and_up_again(db: S.Database) -> None:
         db2.dispose()
 
 
+def test_0002_keeps_data_up_and_down(tmp_path: Path) -> None:
+    """0001 -> 0002 adds tracks.tag_settings and tag_writes.raw_before (NULL: not settled,
+    no raw record) and changes the view; going back drops them and keeps every row."""
+    path = tmp_path / "t.db"
+    S.upgrade(path, "0001")
+    con = sqlite3.connect(path)
+    con.execute(
+        "INSERT INTO tracks (id, path, size, mtime, status, first_seen, last_scanned, updated_at) "
+        "VALUES (1, '/m/a.flac', 1, 1.0, 'tagged', '2025-01-01', '2025-01-01', '2025-01-01')"
+    )
+    con.execute(
+        "INSERT INTO tag_writes (track_id, written_at, policy, genres_before, genres_after, dry_run, restored) "
+        "VALUES (1, '2025-01-01', 'keep', '[\"Pop\"]', '[\"Rock\"]', 0, 1)"
+    )
+    con.commit()
+    old_view = con.execute("SELECT written_genres FROM track_genres").fetchone()[0]
+    con.close()
+    assert old_view == '["Pop"]'  # 0001 showed the restored value as written
+    assert S.upgrade(path) == S.head_revision() == "0002"
+    con = sqlite3.connect(path)
+    try:
+        assert con.execute("SELECT path, tag_settings FROM tracks").fetchall() == [("/m/a.flac", None)]
+        assert con.execute("SELECT genres_after, raw_before FROM tag_writes").fetchall() == [('["Rock"]', None)]
+        assert con.execute("SELECT written_genres FROM track_genres").fetchone()[0] is None
+    finally:
+        con.close()
+    S.downgrade(path, "0001")
+    con = sqlite3.connect(path)
+    try:
+        columns = {r[1] for r in con.execute("PRAGMA table_info(tracks)")}
+        assert "tag_settings" not in columns and "path" in columns
+        assert "raw_before" not in {r[1] for r in con.execute("PRAGMA table_info(tag_writes)")}
+        assert con.execute("SELECT written_genres FROM track_genres").fetchone()[0] == '["Pop"]'
+    finally:
+        con.close()
+
+
 def test_database_from_a_newer_tagger_is_refused(db: S.Database) -> None:
     with db.session() as s:
         s.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
@@ -147,11 +184,14 @@ def test_view_track_genres_joins_latest_prediction_and_write(db: S.Database) -> 
     assert b["top_genre"] is None and b["written_genres"] is None and b["status"] == "pending"
     with db.session() as s:
         S.mark_restored(s, tw.id)
+    sql = text("SELECT written_genres, written_at FROM track_genres WHERE track_id = :i")
     with db.session(write=False) as s:
-        row = s.execute(
-            text("SELECT written_genres FROM track_genres WHERE track_id = :i"), {"i": t.id}
-        )
-        assert row.scalar() == '["Pop"]'
+        # Restored: nothing tagger wrote is in the file any more.
+        assert tuple(s.execute(sql, {"i": t.id}).one()) == (None, None)
+    with db.session() as s:
+        S.record_tag_write(s, t.id, policy="restore", before=["Rock"], after=["Pop"])
+    with db.session(write=False) as s:
+        assert tuple(s.execute(sql, {"i": t.id}).one()) == (None, None)
 
 
 def test_tracks_upsert_known_files_and_lifecycle(db: S.Database) -> None:
@@ -205,6 +245,26 @@ def test_known_files_is_fast_for_100k_tracks(db: S.Database) -> None:
         elapsed = time.perf_counter() - t0
     assert len(files) == n and files["/music/000042.mp3"] == (42, 42.0, "tagged")
     assert elapsed < 1.0, f"known_files took {elapsed:.2f}s for {n} rows"
+
+
+def test_unsettled_lists_tracks_decided_under_other_settings(db: S.Database) -> None:
+    from tagger.store import repo
+
+    cases = {
+        "/m/same.flac": ("tagged", "s1"),
+        "/m/other.flac": ("kept", "s0"),
+        "/m/dry-run.flac": ("classified", None),
+        "/m/restored.flac": ("classified", "restored"),
+        "/m/failed.flac": ("failed", None),  # nothing to apply: classified again when it changes
+        "/m/pending.flac": ("pending", None),
+    }
+    with db.session() as s:
+        for path, (status, settings) in cases.items():
+            S.upsert_track(s, path, size=1, mtime=1.0, status=status)
+            repo.set_tag_settings(s, path, settings)
+    with db.session(write=False) as s:
+        assert repo.unsettled(s, "s1") == {"/m/other.flac", "/m/dry-run.flac"}
+        assert repo.unsettled(s, "s0") == {"/m/same.flac", "/m/dry-run.flac"}
 
 
 # --------------------------------------------------------------------------- job queue

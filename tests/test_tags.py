@@ -19,8 +19,12 @@ from pathlib import Path
 
 import helpers
 import pytest
+from mutagen.asf import ASF
 from mutagen.flac import FLAC
-from mutagen.id3 import ID3
+from mutagen.id3 import ID3, TCON
+from mutagen.mp4 import MP4
+from mutagen.oggopus import OggOpus
+from mutagen.oggvorbis import OggVorbis
 
 from tagger import tags
 from tagger.tags import (
@@ -30,6 +34,7 @@ from tagger.tags import (
     TagError,
     decide,
     read_state,
+    restore_fields,
     supported,
     write_genres,
 )
@@ -125,42 +130,122 @@ def test_policies_on_real_file(name: str, make_base: Callable[[str], Path], tmp_
     state = read_state(path)
     original = (hand_genre,) if hand_genre else ()
     assert state == GenreState(original, None)
-    assert not state.ours
-    kept, reason = decide(state, ["Rock", "Jazz"], "keep")
+    assert not state.ours and state.theirs == original
+    kept = decide(state, ["Rock", "Jazz"], "keep")
     if hand_genre:
-        assert kept is None and "person" in reason
+        assert kept.genres is None and "person" in kept.reason
     else:
-        assert kept == ("Rock", "Jazz")
+        assert kept == (("Rock", "Jazz"), ("Rock", "Jazz"), "file had no genre")
+    exact = helpers.exact_tags(path)
 
-    # 2. merge: theirs first, then ours.
-    merged, _ = decide(state, ["rock", "Jazz", "blues"], "merge")
-    assert merged == ((hand_genre, "rock", "Jazz") if hand_genre else ("rock", "Jazz", "blues"))
-    m1 = Marker(merged, "model-a", 0.61)
-    write_genres(path, merged, m1)
-    check(merged, m1)
+    # 2. merge: theirs first, then ours; the marker names ours only.
+    merged = decide(state, ["rock", "Jazz", "blues"], "merge")
+    if hand_genre:
+        assert merged.genres == (hand_genre, "rock", "Jazz") and merged.added == ("rock", "Jazz")
+    else:
+        assert merged.genres == merged.added == ("rock", "Jazz", "blues")
+    m1 = Marker(merged.added, "model-a", 0.61)
+    write_genres(path, merged.genres, m1)
+    check(merged.genres, m1)
+    assert read_state(path).theirs == original
 
-    # 3. keep: a genre we wrote may be refreshed by a newer model.
-    refreshed, reason = decide(read_state(path), ["Metal", "Hard Rock"], "keep")
-    assert refreshed == ("Metal", "Hard Rock"), reason
-    m2 = Marker(refreshed, "model-b", 0.875)
-    write_genres(path, refreshed, m2)
-    check(refreshed, m2)
-    assert decide(read_state(path), ["metal", "hard rock"], "keep")[0] is None
+    # 3. keep: what this tool added may be refreshed by a newer model; the person's stays.
+    refreshed = decide(read_state(path), ["Metal", "Hard Rock"], "keep")
+    assert refreshed.genres == (*original, "Metal", "Hard Rock"), refreshed.reason
+    assert refreshed.added == ("Metal", "Hard Rock")
+    m2 = Marker(refreshed.added, "model-b", 0.875)
+    write_genres(path, refreshed.genres, m2)
+    check(refreshed.genres, m2)
+    assert decide(read_state(path), ["metal", "hard rock"], "keep").genres is None
 
     # 4. replace.
-    replaced, _ = decide(read_state(path), ["Pop"], "replace")
-    assert replaced == ("Pop",)
-    write_genres(path, replaced, Marker(replaced, "model-b", 0.5))
-    check(replaced, Marker(replaced, "model-b", 0.5))
+    replaced = decide(read_state(path), ["Pop"], "replace")
+    assert replaced.genres == replaced.added == ("Pop",)
+    write_genres(path, replaced.genres, Marker(replaced.added, "model-b", 0.5))
+    check(replaced.genres, Marker(replaced.added, "model-b", 0.5))
 
-    # 5. restore what the person had (removing the genre where there was none).
-    write_genres(path, original, None)
+    # 5. restore what the person had, exactly as stored.
+    restore_fields(path, state.raw)
     check(original, None)
+    assert helpers.exact_tags(path) == exact
 
     assert helpers.audio_hash(path) == audio_before
     if ext == ".mp3":
         assert path.read_bytes()[-128:-125] != b"TAG", "an ID3v1 tag was added"
         assert path.read_bytes()[3] == (3 if v23 else 4)
+
+
+# --- a person's genres under every sequence of policies (issue "Trust" §2) ------------
+
+PERSON = ("Post-Rock", "Ambient")
+FIRST = ("Classical",)  # model A, top-1
+SECOND = ("Jazz", "Rock")  # model B, a newer model with top-k 2
+
+#: (first policy, second policy) -> (genres after the first, after the second); the values
+#: tagger added are those not in PERSON. Only replace ever removes the person's values.
+SEQUENCES = {
+    ("keep", "keep"): (PERSON, PERSON),
+    ("keep", "merge"): (PERSON, PERSON + SECOND),
+    ("keep", "replace"): (PERSON, SECOND),
+    ("merge", "keep"): (PERSON + FIRST, PERSON + SECOND),
+    ("merge", "merge"): (PERSON + FIRST, PERSON + SECOND),
+    ("merge", "replace"): (PERSON + FIRST, SECOND),
+    ("replace", "keep"): (FIRST, SECOND),
+    ("replace", "merge"): (FIRST, SECOND),
+    ("replace", "replace"): (FIRST, SECOND),
+}
+
+
+def _set_person_genres(path: Path, family: str, genres: tuple[str, ...]) -> None:
+    """Several genre values, set the way a person's tagger stores them."""
+    if family == "id3":
+        f = helpers.ID3_CLASSES[path.suffix](path, translate=False)
+        v23 = f.tags.version[:2] == (2, 3)
+        f.tags.delall("TCON")
+        f.tags.add(TCON(encoding=1 if v23 else 3, text=[SEP.join(genres)] if v23 else list(genres)))
+        f.save(v2_version=f.tags.version[1], v23_sep=None)
+        return
+    f = {"flac": FLAC, "mp4": MP4, "asf": ASF}.get(family) or (OggOpus if path.suffix == ".opus" else OggVorbis)
+    f = f(path)
+    key = {"flac": "GENRE", "ogg": "GENRE", "mp4": "©gen", "asf": "WM/Genre"}[family]
+    f.tags[key] = list(genres)
+    f.save()
+
+
+@pytest.mark.parametrize("sequence", list(SEQUENCES), ids="-".join)
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_policy_sequences_change_only_what_tagger_added(
+    name: str, sequence: tuple[str, str], make_base: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """Two scans, every pair of policies in both orders, the second by a newer model with
+    top-k 2: tagger changes or removes only the values it added itself, and its marker
+    records exactly those; a restore then gives back every field as it was."""
+    ext, _, family, _ = FORMATS[name]
+    path = tmp_path / f"track{ext}"
+    shutil.copyfile(make_base(name), path)
+    _set_person_genres(path, family, PERSON)
+    exact, audio = helpers.exact_tags(path), helpers.audio_hash(path)
+    others = helpers.read_tags(path, family)["others"]
+    state = read_state(path)
+    assert state.genres == PERSON and state.theirs == PERSON and state.marker is None
+    first_raw = state.raw
+    replaced = False
+    for policy, model, ours, want in zip(sequence, ("model-a", "model-b"), (FIRST, SECOND), SEQUENCES[sequence], strict=True):
+        d = decide(read_state(path), ours, policy)
+        if d.genres is not None:
+            write_genres(path, d.genres, Marker(d.added, model, 0.5) if d.added else None)
+        replaced = replaced or policy == "replace"
+        now = read_state(path)
+        assert now.genres == want, (policy, now.genres)
+        added = tuple(g for g in want if replaced or g not in PERSON)
+        assert (now.marker.added if now.marker else ()) == added, "the marker must name exactly what tagger added"
+        assert now.added == added and now.theirs == tuple(g for g in want if g not in added)
+        if not replaced:
+            assert set(PERSON) <= set(now.genres), f"{policy} removed a genre the person set"
+        assert helpers.read_tags(path, family)["others"] == others
+    restore_fields(path, first_raw)
+    assert helpers.exact_tags(path) == exact
+    assert helpers.audio_hash(path) == audio
 
 
 def test_id3v1_is_updated_not_added_or_removed(
@@ -324,40 +409,50 @@ def test_unsupported_and_missing(tmp_path: Path) -> None:
 # --- decide(): pure policy logic --------------------------------------------------
 
 MINE = Marker(("Rock",), "old-model", 0.7)
+BOTH = Marker(("Rock", "Jazz"), "old-model", 0.7)
 
 
 @pytest.mark.parametrize(
-    ("state", "ours", "policy", "expected"),
+    ("state", "ours", "policy", "expected", "added"),
     [
         # keep
-        (GenreState((), None), ["Rock", "Jazz"], "keep", ("Rock", "Jazz")),
-        (GenreState(("Blues",), None), ["Rock"], "keep", None),
-        (GenreState(("Rock",), MINE), ["Metal"], "keep", ("Metal",)),
-        (GenreState(("rock",), MINE), ["Metal"], "keep", ("Metal",)),  # case aside, still ours
-        (GenreState(("Blues",), MINE), ["Metal"], "keep", None),  # a person changed ours
-        (GenreState(("Rock",), MINE), ["Rock"], "keep", None),  # nothing new
+        (GenreState((), None), ["Rock", "Jazz"], "keep", ("Rock", "Jazz"), ("Rock", "Jazz")),
+        (GenreState(("Blues",), None), ["Rock"], "keep", None, ()),
+        (GenreState(("Rock",), MINE), ["Metal"], "keep", ("Metal",), ("Metal",)),
+        (GenreState(("rock",), MINE), ["Metal"], "keep", ("Metal",), ("Metal",)),  # case aside, still ours
+        (GenreState(("Blues",), MINE), ["Metal"], "keep", None, ()),  # a person changed ours
+        (GenreState(("Rock",), BOTH), ["Metal"], "keep", None, ()),  # a person removed one of ours
+        (GenreState(("Rock",), MINE), ["Rock"], "keep", None, ()),  # nothing new
+        # ours after a merge, or a person's genre added next to ours: only ours is refreshed
+        (GenreState(("Blues", "Rock"), MINE), ["Metal"], "keep", ("Blues", "Metal"), ("Metal",)),
+        (GenreState(("Rock", "Blues"), MINE), ["Blues"], "keep", ("Blues",), ()),
         # merge
         (
             GenreState(("Blues", "Soul"), None),
             ["soul", "Rock", "rock"],
             "merge",
             ("Blues", "Soul", "Rock"),
+            ("Rock",),
         ),
-        (GenreState((), None), ["Rock"], "merge", ("Rock",)),
-        (GenreState(("Rock",), None), ["ROCK"], "merge", None),
-        # replace
-        (GenreState(("Blues",), None), ["Rock", " Jazz "], "replace", ("Rock", "Jazz")),
-        (GenreState(("Rock",), None), ["Rock"], "replace", None),
+        (GenreState((), None), ["Rock"], "merge", ("Rock",), ("Rock",)),
+        (GenreState(("Rock",), None), ["ROCK"], "merge", None, ()),
+        (GenreState(("Blues", "Rock"), MINE), ["Jazz"], "merge", ("Blues", "Jazz"), ("Jazz",)),
+        (GenreState(("Rock",), MINE), ["Jazz"], "merge", ("Jazz",), ("Jazz",)),
+        # replace: everything written is ours from then on
+        (GenreState(("Blues",), None), ["Rock", " Jazz "], "replace", ("Rock", "Jazz"), ("Rock", "Jazz")),
+        (GenreState(("Blues", "Rock"), MINE), ["Blues"], "replace", ("Blues",), ("Blues",)),
+        (GenreState(("Rock",), None), ["Rock"], "replace", None, ()),
         # nothing to write
-        (GenreState(("Blues",), None), ["", "  "], "replace", None),
+        (GenreState(("Blues",), None), ["", "  "], "replace", None, ()),
     ],
 )
 def test_decide(
-    state: GenreState, ours: list[str], policy: str, expected: tuple[str, ...] | None
+    state: GenreState, ours: list[str], policy: str, expected: tuple[str, ...] | None, added: tuple[str, ...]
 ) -> None:
-    result, reason = decide(state, ours, policy)
-    assert result == expected
-    assert reason and "\n" not in reason
+    result = decide(state, ours, policy)
+    assert result.genres == expected
+    assert result.added == added
+    assert result.reason and "\n" not in result.reason
 
 
 def test_decide_rejects_unknown_policy() -> None:
@@ -369,11 +464,19 @@ def test_marker_round_trip_and_tolerance() -> None:
     marker = Marker(("Rock", "Électro"), "densenet-v1", 0.123456789)
     assert Marker.loads(marker.dumps()) == marker
     assert " " not in marker.dumps()
-    for junk in (None, "", "Rock", "{}", '{"genres":"Rock","model":"m","confidence":1}', "[1,2]"):
+    assert marker.dumps().startswith('{"added":["Rock","Électro"],')
+    for junk in (None, "", "Rock", "{}", '{"added":"Rock","model":"m","confidence":1}', "[1,2]"):
         assert Marker.loads(junk) is None
     assert GenreState(("ROCK", "électro"), marker).ours
+    assert GenreState(("Post-Rock", "ROCK", "électro"), marker).added == ("ROCK", "électro")
+    assert GenreState(("Post-Rock", "ROCK", "électro"), marker).theirs == ("Post-Rock",)
     assert not GenreState(("Rock",), marker).ours
     assert not GenreState(("Rock", "Électro"), None).ours
+    # An older tagger's marker listed every value written (a person's merged ones too).
+    legacy = Marker.loads('{"genres":["Post-Rock","Rock"],"model":"m","confidence":1}')
+    assert legacy == Marker(("Post-Rock", "Rock"), "m", 1.0, legacy=True)
+    narrowed = GenreState(("Post-Rock", "Rock"), legacy).with_added(["Rock"])
+    assert narrowed.theirs == ("Post-Rock",) and narrowed.marker == Marker(("Rock",), "m", 1.0)
 
 
 def test_marker_must_match_genres(tmp_path: Path) -> None:

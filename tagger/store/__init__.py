@@ -10,7 +10,9 @@ Tables (timestamps are UTC ISO text; JSON columns are TEXT holding JSON):
 ``tracks``       one row per audio file. ``path`` (absolute, unique), ``size``, ``mtime``
                  (float epoch), ``duration`` (s), ``format``, ``content_hash`` (optional),
                  ``status`` (pending / classified / tagged / kept / failed / removed /
-                 missing), ``last_error``, ``first_seen``, ``last_scanned``, ``updated_at``.
+                 missing), ``last_error``, ``tag_settings`` (hash of the [tags] settings the
+                 genre was decided under; NULL: not settled), ``first_seen``,
+                 ``last_scanned``, ``updated_at``.
 ``models``       one row per classifier weights file: ``sha256`` (unique), ``name``,
                  ``labels`` (JSON list), ``metrics`` (JSON object), ``created_at``.
 ``predictions``  the LATEST prediction per (track, model) -- unique (track_id, model_id),
@@ -18,7 +20,8 @@ Tables (timestamps are UTC ISO text; JSON columns are TEXT holding JSON):
                  genre -> p), ``genres`` (JSON list chosen), ``top_genre``, ``confidence``,
                  ``windows`` (number of audio windows averaged), ``created_at``.
 ``tag_writes``   history of genre-tag changes (kept forever): ``written_at``, ``policy``,
-                 ``genres_before`` / ``genres_after`` (JSON lists), ``reason``, ``model_id``,
+                 ``genres_before`` / ``genres_after`` (JSON lists), ``raw_before`` (the
+                 fields exactly as stored, for restore), ``reason``, ``model_id``,
                  ``dry_run``, ``restored`` / ``restored_at``.
 ``jobs``         the daemon's durable queue: ``path``, ``kind`` (classify / move / delete /
                  rescan), ``dest_path``, ``state`` (queued / claimed / done / failed),
@@ -27,7 +30,8 @@ Tables (timestamps are UTC ISO text; JSON columns are TEXT holding JSON):
                  One live (queued/claimed) job per (path, kind).
 
 View ``track_genres``: one row per track with its latest prediction (any model), the genres
-tagger last left in the file, the model's sha/name and ``last_scanned``.
+tagger's latest write left in the file (NULL once restored), the model's sha/name and
+``last_scanned``.
 """
 
 from __future__ import annotations

@@ -57,6 +57,10 @@ TRACK_STATUSES = (
     TRACK_MISSING,
 )
 
+# Track.tag_settings of a file whose genre was put back by `tagger restore`: settled under
+# any settings (a later scan leaves it alone unless the file changes or --force says so).
+TAG_SETTINGS_RESTORED = "restored"
+
 # Job.kind and Job.state values.
 JOB_KINDS = ("classify", "move", "delete", "rescan")
 JOB_QUEUED = "queued"
@@ -117,6 +121,10 @@ class Track(Base):
     content_hash: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), default=TRACK_PENDING, index=True)
     last_error: Mapped[str | None] = mapped_column(Text)
+    # Hash of the [tags] settings the file's genre was last decided under; NULL when not
+    # settled (a dry run, a failed tag write): a scan applies other settings, or these
+    # again, from the stored prediction without classifying the file again.
+    tag_settings: Mapped[str | None] = mapped_column(String(16))
     first_seen: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     last_scanned: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)  # facts changed
@@ -176,6 +184,9 @@ class TagWrite(Base):
     policy: Mapped[str] = mapped_column(String(32))
     genres_before: Mapped[list[str]] = mapped_column(JSONText)
     genres_after: Mapped[list[str]] = mapped_column(JSONText)
+    # The genre and marker fields exactly as the file stored them before this write
+    # (tagger.tags snapshot), so restore gives back "(17)" rather than "Rock".
+    raw_before: Mapped[dict[str, Any] | None] = mapped_column(JSONText)
     reason: Mapped[str | None] = mapped_column(Text)
     model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
     dry_run: Mapped[bool] = mapped_column(Boolean, default=False)

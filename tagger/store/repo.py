@@ -11,15 +11,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import bindparam, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from .models import (
+    TAG_SETTINGS_RESTORED,
+    TRACK_CLASSIFIED,
     TRACK_FAILED,
+    TRACK_KEPT,
     TRACK_MISSING,
     TRACK_PENDING,
     TRACK_REMOVED,
     TRACK_STATUSES,
+    TRACK_TAGGED,
     Model,
     Prediction,
     TagWrite,
@@ -126,6 +130,29 @@ def known_files(session: Session) -> dict[str, tuple[int, float, str]]:
         select(_tracks.c.path, _tracks.c.size, _tracks.c.mtime, _tracks.c.status)
     )
     return {path: (size, mtime, status) for path, size, mtime, status in rows}
+
+
+def unsettled(session: Session, settings: str) -> set[str]:
+    """Paths of classified, tagged and kept tracks whose genre was not decided under
+    ``settings`` (a ``tag_settings`` hash): other settings, a dry run, a failed tag write.
+    Restored tracks are settled under any settings.
+
+    Filtered inside SQLite, so the usual answer (none) costs one pass over the table
+    and no Python objects.
+    """
+    settled = _tracks.c.tag_settings.in_((settings, TAG_SETTINGS_RESTORED))
+    rows = session.connection().execute(
+        select(_tracks.c.path).where(
+            _tracks.c.status.in_((TRACK_CLASSIFIED, TRACK_TAGGED, TRACK_KEPT)),
+            or_(_tracks.c.tag_settings.is_(None), ~settled),
+        )
+    )
+    return set(rows.scalars())
+
+
+def set_tag_settings(session: Session, path: str, settings: str | None) -> None:
+    """Record the ``[tags]`` settings hash the file's genre was decided under (None: not settled)."""
+    session.connection().execute(update(_tracks).where(_tracks.c.path == path).values(tag_settings=settings))
 
 
 def mark_scanned(session: Session, paths: Iterable[str], *, now: datetime | None = None) -> None:
@@ -299,18 +326,24 @@ def record_tag_write(
     policy: str,
     before: Sequence[str],
     after: Sequence[str],
+    raw_before: Mapping[str, Any] | None = None,
     reason: str | None = None,
     model_id: int | None = None,
     dry_run: bool = False,
     now: datetime | None = None,
 ) -> TagWrite:
-    """Log a genre-tag change (or a dry-run's would-be change); the log is what restore uses."""
+    """Log a genre-tag change (or a dry-run's would-be change); the log is what restore uses.
+
+    ``raw_before`` is the genre and marker fields exactly as the file stored them
+    (``tagger.tags.GenreState.raw``), which restore writes back.
+    """
     tw = TagWrite(
         track_id=track_id,
         written_at=now or utcnow(),
         policy=policy,
         genres_before=[str(g) for g in before],
         genres_after=[str(g) for g in after],
+        raw_before=dict(raw_before) if raw_before is not None else None,
         reason=reason,
         model_id=model_id,
         dry_run=dry_run,
@@ -336,6 +369,17 @@ def last_tag_write(
     if not include_dry_run:
         stmt = stmt.where(TagWrite.dry_run.is_(False))
     return session.scalars(stmt.order_by(TagWrite.id.desc()).limit(1)).first()
+
+
+def open_writes(session: Session, track_id: int) -> list[TagWrite]:
+    """A track's real writes not yet undone by a restore, oldest first."""
+    stmt = select(TagWrite).where(
+        TagWrite.track_id == track_id,
+        TagWrite.dry_run.is_(False),
+        TagWrite.restored.is_(False),
+        TagWrite.policy != "restore",
+    )
+    return list(session.scalars(stmt.order_by(TagWrite.id)))
 
 
 def mark_restored(session: Session, tag_write_id: int, *, now: datetime | None = None) -> None:

@@ -1,20 +1,24 @@
 """Reading and writing the genre tag: mutagen, one handler per tag format behind one interface.
 
-* :func:`read_state` says what genre a file holds and whether this tool wrote it.
+* :func:`read_state` says what genre a file holds, which of its values this tool
+  added, and records the genre fields exactly as stored (for :func:`restore_fields`).
 * :func:`decide` turns that, the model's genres and a policy into "write this" or
   "leave the file alone" (pure, no I/O).
-* :func:`write_genres` writes genres plus a marker recording what we wrote, by
-  tagging a copy and renaming it over the original, so a crash never leaves a
-  half-written file.
+* :func:`write_genres` writes genres plus a marker recording which of them this
+  tool added, by tagging a copy and renaming it over the original, so a crash
+  never leaves a half-written file.
+
+The handler follows the file's content, not its name: a FLAC file called
+``.mp3`` is tagged as the FLAC it is.
 
 Where the format allows several values (ID3v2.4 TCON, Vorbis ``GENRE``, MP4
 ``©gen``, ASF ``WM/Genre``) several genres are several values; ID3v2.3 joins
-them with ``separator``. The marker is compact JSON, e.g.
-``{"genres":["Rock","Jazz"],"model":"densenet-v1","confidence":0.91}``, stored as
-ID3 ``TXXX:TAGGER_GENRE``, Vorbis ``TAGGER_GENRE``, MP4
-``----:org.tagger:TAGGER_GENRE`` or ASF ``TAGGER/Genre``.
+them with ``separator``. The marker is compact JSON naming only the values this
+tool added, e.g. ``{"added":["Rock"],"model":"densenet-v1","confidence":0.91}``
+next to a person's ``Post-Rock``, stored as ID3 ``TXXX:TAGGER_GENRE``, Vorbis
+``TAGGER_GENRE``, MP4 ``----:org.tagger:TAGGER_GENRE`` or ASF ``TAGGER/Genre``.
+Every other value is the person's, and no policy but ``replace`` removes it.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -25,22 +29,27 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from tagger.tags import asf, id3, mp4, vorbis
-from tagger.tags.base import Handler
+from tagger.tags.base import Handler, Snapshot
 
 __all__ = [
     "DEFAULT_SEPARATOR",
     "POLICIES",
+    "Decision",
     "GenreState",
     "Marker",
     "FileChanged",
+    "Snapshot",
     "TagError",
     "clean_genres",
     "decide",
+    "named_kind",
     "read_state",
+    "restore_fields",
     "supported",
     "write_genres",
 ]
@@ -64,12 +73,32 @@ _OPENERS: dict[str, Callable[[Path], Handler]] = {
     ".wma": asf.open_asf,
     ".asf": asf.open_asf,
 }
+#: What each opener reads, for messages about a file whose name says otherwise.
+_KINDS: dict[Callable[[Path], Handler], str] = {
+    id3.open_mp3: "MP3",
+    id3.open_aiff: "AIFF",
+    id3.open_wave: "WAV",
+    vorbis.open_flac: "FLAC",
+    vorbis.open_ogg: "Ogg",
+    vorbis.open_opus: "Ogg",
+    mp4.open_mp4: "MP4",
+    asf.open_asf: "ASF",
+}
+_ASF_GUID = bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c")
 #: Suffix of the temporary copy; not a supported extension, so a file watcher skips it.
 _TMP_SUFFIX = ".tagger-tmp"
 
 
 class TagError(Exception):
-    """A file's tags cannot be read or written; ``str()`` is a one-line reason."""
+    """A file's tags cannot be read or written; ``str()`` is ``"<path>: <reason>"``, one line.
+
+    ``reason`` is the same without the path, for messages that name the file already.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        super().__init__(f"{os.fspath(path)}: {reason}")
+        self.path = os.fspath(path)
+        self.reason = reason
 
 
 class FileChanged(TagError):
@@ -82,15 +111,22 @@ class FileChanged(TagError):
 
 @dataclass(frozen=True)
 class Marker:
-    """What this tool wrote: the genres, the model that chose them, its confidence."""
+    """What this tool wrote: the values it added, the model that chose them, its confidence.
 
-    genres: tuple[str, ...]
+    ``added`` names only this tool's values: the person's genres a ``merge`` kept
+    next to them are not in it, so a later refresh replaces ours and nothing else.
+    ``legacy`` markers come from older versions, whose list held every value written
+    (a person's merged ones too); the caller narrows them with what it recorded.
+    """
+
+    added: tuple[str, ...]
     model: str
     confidence: float
+    legacy: bool = False
 
     def dumps(self) -> str:
         """Compact JSON, small enough for any tag field."""
-        data = {"genres": list(self.genres), "model": self.model, "confidence": self.confidence}
+        data = {"added": list(self.added), "model": self.model, "confidence": self.confidence}
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
@@ -100,19 +136,20 @@ class Marker:
             return None
         try:
             data = json.loads(text)
-            genres = data["genres"]
+            legacy = "added" not in data
+            added = data["genres" if legacy else "added"]
             model = data["model"]
             confidence = float(data["confidence"])
         except (ValueError, TypeError, KeyError):
             return None
         if (
-            not isinstance(genres, list)
-            or not all(isinstance(g, str) for g in genres)
+            not isinstance(added, list)
+            or not all(isinstance(g, str) for g in added)
             or not isinstance(model, str)
             or not math.isfinite(confidence)
         ):
             return None
-        return cls(tuple(genres), model, confidence)
+        return cls(tuple(added), model, confidence, legacy)
 
 
 def _fold(genres: Iterable[str]) -> tuple[str, ...]:
@@ -121,20 +158,56 @@ def _fold(genres: Iterable[str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class GenreState:
-    """The genre a file holds now and the marker found next to it (if any)."""
+    """The genre a file holds now, the marker found next to it (if any), and, for a
+    restore, the genre and marker fields exactly as stored (``raw``)."""
 
     genres: tuple[str, ...]
     marker: Marker | None
+    raw: Snapshot | None = field(default=None, compare=False, repr=False)
+    #: What the content is ("FLAC", "MP3", ...), whatever the file's name says.
+    kind: str = field(default="", compare=False)
+
+    @property
+    def added(self) -> tuple[str, ...]:
+        """The values in the file this tool added, as the file spells them.
+
+        Only while every value the marker names is still there (case aside): once a
+        person removed or renamed one of ours, what is left is theirs.
+        """
+        if self.marker is None or not self.marker.added:
+            return ()
+        mine = set(_fold(self.marker.added))
+        if not mine <= set(_fold(self.genres)):
+            return ()
+        return tuple(g for g in self.genres if g.casefold() in mine)
+
+    @property
+    def theirs(self) -> tuple[str, ...]:
+        """Every other value: what a person (or another program) set."""
+        mine = set(_fold(self.added))
+        return tuple(g for g in self.genres if g.casefold() not in mine)
 
     @property
     def ours(self) -> bool:
-        """True while the genre is still exactly what this tool wrote (case aside)."""
-        return self.marker is not None and _fold(self.genres) == _fold(self.marker.genres)
+        """True while the file holds values this tool added, untouched by a person."""
+        return bool(self.added)
+
+    def with_added(self, added: Sequence[str]) -> GenreState:
+        """The same state with the marker narrowed to ``added`` (for legacy markers)."""
+        if self.marker is None:
+            return self
+        return replace(self, marker=replace(self.marker, added=tuple(added), legacy=False))
 
 
 def supported(path: str | os.PathLike[str]) -> bool:
     """Whether the extension is one we can tag (cheap: no I/O)."""
     return os.path.splitext(os.fspath(path))[1].lower() in _OPENERS  # no pathlib: called per file of a walk
+
+
+def named_kind(path: str | os.PathLike[str]) -> str:
+    """The format a file's extension names ("FLAC", "MP3", ...; "" if unsupported)."""
+    opener = _OPENERS.get(os.path.splitext(os.fspath(path))[1].lower())
+    return _KINDS[opener] if opener else ""
 
 
 def clean_genres(genres: Iterable[str]) -> tuple[str, ...]:
@@ -149,49 +222,97 @@ def clean_genres(genres: Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def decide(
-    state: GenreState, ours: Sequence[str], policy: str
-) -> tuple[tuple[str, ...] | None, str]:
+class Decision(NamedTuple):
+    """What :func:`decide` says: the genres to write (None: leave the file alone), the
+    ones among them this tool adds (what the marker records), and why."""
+
+    genres: tuple[str, ...] | None
+    added: tuple[str, ...]
+    reason: str
+
+
+def decide(state: GenreState, ours: Sequence[str], policy: str) -> Decision:
     """The genres to write under ``policy``, or None to leave the file alone, plus why.
 
-    ``keep`` never overwrites a genre a person set, but refreshes one this tool
-    wrote; ``merge`` appends ours after theirs; ``replace`` overwrites (the
-    caller keeps the old value). A result equal (case aside) to what the file
-    holds is None.
+    A person's values (``state.theirs``) are kept by ``keep`` and ``merge``; only
+    ``replace`` removes them (the caller keeps the old value). The values this tool
+    added earlier (``state.added``) are replaced by ``ours`` under every policy.
+    ``keep`` writes to a file with no genre, or refreshes ours next to theirs, but
+    never adds to a genre a person set alone; ``merge`` appends ours after theirs;
+    ``replace`` writes ours only. A result equal (case aside) to what the file holds
+    is None.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown genre policy {policy!r}; expected one of {POLICIES}")
     new = clean_genres(ours)
     if not new:
-        return None, "no genres to write"
-    current = state.genres
+        return Decision(None, (), "no genres to write")
+    current, theirs = state.genres, state.theirs
     if policy == "keep":
         if not current:
             reason = "file had no genre"
         elif state.ours:
-            reason = "refreshing the genre this tool wrote"
+            new = clean_genres([*theirs, *new])
+            reason = "refreshing the genre this tool added" + (", keeping the person's" if theirs else "")
         else:
-            return None, "keeping the genre set by a person"
+            return Decision(None, (), "keeping the genre set by a person")
     elif policy == "merge":
-        new = clean_genres([*current, *new])
-        reason = "merged with the existing genre" if current else "file had no genre"
+        new = clean_genres([*theirs, *new])
+        reason = "merged with the existing genre" if theirs else "file had no genre" if not current else "refreshing the genre this tool added"
     else:
         reason = "replacing the existing genre" if current else "file had no genre"
     if _fold(new) == _fold(current):  # a change of case alone is not worth a rewrite
-        return None, "file already has these genres"
-    return new, reason
+        return Decision(None, (), "file already has these genres")
+    keep = set() if policy == "replace" else set(_fold(theirs))
+    return Decision(new, tuple(g for g in new if g.casefold() not in keep), reason)
 
 
-def _open(path: Path, kind: Path | None = None) -> Handler:
-    """The handler for ``path``, chosen by the extension of ``kind`` (default: ``path``)."""
-    suffix = (kind or path).suffix.lower()
-    opener = _OPENERS.get(suffix)
-    if opener is None:
-        raise TagError(f"{kind or path}: unsupported format {suffix or '(no extension)'}")
+def _sniff(path: Path) -> Callable[[Path], Handler] | None:
+    """The opener the content calls for (magic bytes), or None when it is not clear."""
     try:
-        return opener(path)
+        with path.open("rb") as f:
+            head = f.read(16)
+            if head[:3] == b"ID3" and len(head) >= 10:
+                # An ID3v2 tag in front: MP3, or FLAC some tools prefix with one.
+                size = 10 + ((head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | head[9] & 0x7F)
+                f.seek(size + (10 if head[5] & 0x10 else 0))
+                return vorbis.open_flac if f.read(4) == b"fLaC" else id3.open_mp3
+    except OSError:
+        return None  # the opener reports it
+    if head[:4] == b"fLaC":
+        return vorbis.open_flac
+    if head[:4] == b"OggS":
+        return vorbis.open_ogg
+    if head[4:8] == b"ftyp":
+        return mp4.open_mp4
+    if head == _ASF_GUID:
+        return asf.open_asf
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return id3.open_aiff
+    if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
+        return id3.open_wave
+    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:  # MPEG frame sync
+        return id3.open_mp3
+    return None
+
+
+def _open(path: Path, kind: Path | None = None) -> tuple[Handler, str]:
+    """The handler for ``path`` and what its content is.
+
+    The content decides (magic bytes), so a FLAC named ``.mp3`` is read as FLAC;
+    the extension (of ``kind``, default ``path``) only when the bytes say nothing.
+    """
+    name = kind or path
+    suffix = name.suffix.lower()
+    by_name = _OPENERS.get(suffix)
+    if by_name is None:
+        raise TagError(name, f"unsupported format {suffix or '(no extension)'}")
+    opener = _sniff(path) or by_name
+    what = _KINDS[opener]
+    try:
+        return opener(path), what
     except Exception as exc:  # mutagen parses untrusted bytes; any failure means "unreadable"
-        raise _error(kind or path, exc, "unreadable or corrupt") from exc
+        raise _error(name, exc, "unreadable or corrupt" if opener is by_name else f"unreadable or corrupt {what}") from exc
 
 
 def _error(path: Path, exc: BaseException, what: str) -> TagError:
@@ -199,24 +320,25 @@ def _error(path: Path, exc: BaseException, what: str) -> TagError:
     chain: BaseException | None = exc
     while chain is not None:
         if isinstance(chain, PermissionError):
-            return TagError(f"{path}: permission denied")
+            return TagError(path, "permission denied")
         if isinstance(chain, FileNotFoundError):
-            return TagError(f"{path}: no such file")
+            return TagError(path, "no such file")
         chain = chain.__cause__ or chain.__context__
     lines = str(exc).strip().splitlines()
     detail = lines[0] if lines else type(exc).__name__
-    return TagError(f"{path}: {what} ({detail})")
+    return TagError(path, f"{what} ({detail})")
 
 
 def read_state(path: str | os.PathLike[str], *, separator: str = DEFAULT_SEPARATOR) -> GenreState:
     """What genre the file holds and our marker; ``separator`` splits ID3v2.3's single value."""
-    handler = _open(Path(path))
+    handler, kind = _open(Path(path))
     try:
         genres = clean_genres(handler.genres(separator))
         marker = Marker.loads(handler.marker())
+        raw = handler.snapshot()
     except Exception as exc:
         raise _error(Path(path), exc, "unreadable tags") from exc
-    return GenreState(genres, marker)
+    return GenreState(genres, marker, raw, kind)
 
 
 def write_genres(
@@ -236,12 +358,12 @@ def write_genres(
     """
     path = Path(path)
     values = clean_genres(genres)
-    if marker is not None and _fold(clean_genres(marker.genres)) != _fold(values):
-        raise ValueError("marker.genres must be the genres being written")
+    if marker is not None and not set(_fold(clean_genres(marker.added))) <= set(_fold(values)):
+        raise ValueError("marker.added must be among the genres being written")
     text = marker.dumps() if marker is not None else None
 
     def tag(copy: Path) -> None:
-        handler = _open(copy, kind=path)
+        handler, _ = _open(copy, kind=path)
         try:
             handler.set(values, text, separator)
             handler.save()
@@ -249,6 +371,27 @@ def write_genres(
             raise _error(path, exc, "cannot write tags") from exc
 
     _replace_safely(path, tag, expect)
+
+
+def restore_fields(path: str | os.PathLike[str], snapshot: Snapshot, *, expect: os.stat_result | None = None) -> None:
+    """Put the genre and marker fields back exactly as ``snapshot`` (``GenreState.raw``) has them.
+
+    Numeric or padded values, text encodings and value types come back as they were
+    stored, and a tag block that did not exist then is removed again when it holds
+    nothing else. The same atomic replace as :func:`write_genres`.
+    """
+    path = Path(path)
+
+    def put_back(copy: Path) -> None:
+        handler, what = _open(copy, kind=path)
+        if snapshot.get("format") != handler.FAMILY:
+            raise TagError(path, f"the recorded tags are {snapshot.get('format')} tags, the file is {what} now")
+        try:
+            handler.restore(snapshot)
+        except Exception as exc:
+            raise _error(path, exc, "cannot write tags") from exc
+
+    _replace_safely(path, put_back, expect)
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -278,9 +421,9 @@ def _replace_safely(path: Path, change: Callable[[Path], None], expect: os.stat_
     except OSError as exc:
         raise _error(path, exc, "cannot open for writing") from exc
     if not stat.S_ISREG(st.st_mode):
-        raise TagError(f"{path}: not a regular file")
+        raise TagError(path, "not a regular file")
     if expect is not None and _identity(st) != _identity(expect):
-        raise FileChanged(f"{path}: changed since its tags were read; left as it is")
+        raise FileChanged(path, "changed since its tags were read; left as it is")
     try:
         fd, name = tempfile.mkstemp(prefix=f".{real.name}.", suffix=_TMP_SUFFIX, dir=real.parent)
     except OSError as exc:
@@ -296,9 +439,9 @@ def _replace_safely(path: Path, change: Callable[[Path], None], expect: os.stat_
         try:
             now = os.stat(real)
         except FileNotFoundError:
-            raise FileChanged(f"{path}: moved or deleted while being tagged; left as it is") from None
+            raise FileChanged(path, "moved or deleted while being tagged; left as it is") from None
         if _identity(now) != _identity(st):
-            raise FileChanged(f"{path}: changed while being tagged; left as it is")
+            raise FileChanged(path, "changed while being tagged; left as it is")
         os.replace(tmp, real)
     except BaseException as exc:
         with contextlib.suppress(OSError):

@@ -10,33 +10,61 @@ Several genres are several TCON values in v2.4. v2.3 has no multi-value text,
 so they are joined with the caller's separator (not mutagen's ``/``, which
 collides with genres such as "Drum/Bass") and split on it again when read.
 An existing ID3v1 tag is updated, never added or removed.
+
+A restore puts back the TCON and marker frames as they were stored (encoding and
+raw text: ``(17)`` stays ``(17)``), the ID3v1 tag byte for byte, and removes an
+ID3v2 tag this tool created when nothing else was added to it since.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import base64
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import mutagen.aiff
+import mutagen.id3
+import mutagen.wave
 from mutagen.aiff import AIFF
 from mutagen.id3 import TCON, TXXX, Encoding, ID3v1SaveOptions
 from mutagen.mp3 import MP3
 from mutagen.wave import WAVE
 
-from tagger.tags.base import MARKER_NAME
+from tagger.tags.base import MARKER_NAME, Snapshot
 
 _MARKER_KEY = f"TXXX:{MARKER_NAME}"
 #: Version given to files whose tag we create or cannot keep (v2.2, ID3v1 only).
 NEW_TAG_VERSION = 4
 
 
+def _v1_block(path: str) -> bytes | None:
+    """The 128-byte ID3v1 tag at the end of the file, if there is one."""
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) < 128:
+            return None
+        f.seek(-128, os.SEEK_END)
+        data = f.read(128)
+    return data if data[:3] == b"TAG" else None
+
+
+def _frames(tags: Any, key: str) -> list[list[Any]]:
+    return [[int(frame.encoding), [str(t) for t in frame.text]] for frame in tags.getall(key)]
+
+
 class ID3Handler:
     """TCON for the genre, ``TXXX:TAGGER_GENRE`` for the marker."""
 
-    def __init__(self, file: Any, *, id3v1: bool) -> None:
+    FAMILY = "id3"
+
+    def __init__(self, file: Any, *, id3v1: bool, delete_v2: Callable[[str], None]) -> None:
         self._file = file
         self._id3v1 = id3v1
+        self._delete_v2 = delete_v2
         tags = file.tags
+        # An ID3v2 tag is in the file (not just frames mutagen made from an ID3v1 tag).
+        self.had_v2 = tags is not None and tags.version >= (2, 2, 0)
         if tags is not None and tuple(tags.version[:2]) in ((2, 3), (2, 4)):
             self.version = tags.version[1]
         else:
@@ -82,17 +110,68 @@ class ID3Handler:
             kwargs["v1"] = ID3v1SaveOptions.UPDATE
         self._file.save(**kwargs)
 
+    def _others(self) -> list[str]:
+        """Every frame but the genre and the marker, as text that compares exactly."""
+        tags = self._file.tags
+        return sorted(repr(f) for k, f in tags.items() if k != "TCON" and k != _MARKER_KEY) if tags is not None else []
+
+    def snapshot(self) -> Snapshot:
+        tags = self._file.tags
+        v1 = _v1_block(self._file.filename) if self._id3v1 else None
+        snap: Snapshot = {
+            "format": self.FAMILY,
+            "block": self.had_v2,
+            "TCON": _frames(tags, "TCON") if self.had_v2 else [],
+            "marker": _frames(tags, _MARKER_KEY) if self.had_v2 else [],
+            "v1": base64.b64encode(v1).decode("ascii") if v1 else None,
+        }
+        if not self.had_v2:
+            # Frames mutagen read from an ID3v1 tag: a v2 tag holding just these was ours.
+            snap["v1_frames"] = self._others()
+        return snap
+
+    def restore(self, snapshot: Snapshot) -> None:
+        if self._file.tags is None:
+            self._file.add_tags()
+        tags = self._file.tags
+        tags.delall("TCON")
+        tags.delall(_MARKER_KEY)
+        for encoding, text in snapshot["TCON"]:
+            tags.add(TCON(encoding=Encoding(encoding), text=text))
+        for encoding, text in snapshot["marker"]:
+            tags.add(TXXX(encoding=Encoding(encoding), desc=MARKER_NAME, text=text))
+        path = self._file.filename
+        if not snapshot["block"] and self._others() == snapshot.get("v1_frames", []):
+            self._delete_v2(path)  # the ID3v2 tag this tool created; nothing else was added to it
+        else:
+            self.save()
+        if snapshot["v1"]:
+            self._put_v1(path, base64.b64decode(snapshot["v1"]))
+
+    @staticmethod
+    def _put_v1(path: str, block: bytes) -> None:
+        """The ID3v1 tag exactly as it was (a save regenerates it from the v2 frames)."""
+        with open(path, "r+b") as f:
+            end = f.seek(0, os.SEEK_END)
+            if _v1_block(path) is not None:
+                f.seek(end - 128)
+            f.write(block)
+
+
+def _delete_mp3_v2(path: str) -> None:
+    mutagen.id3.delete(path, delete_v1=False, delete_v2=True)
+
 
 def open_mp3(path: Path) -> ID3Handler:
     """MPEG audio with an ID3v2 tag at the front (and maybe ID3v1 at the end)."""
-    return ID3Handler(MP3(path, translate=False), id3v1=True)
+    return ID3Handler(MP3(path, translate=False), id3v1=True, delete_v2=_delete_mp3_v2)
 
 
 def open_aiff(path: Path) -> ID3Handler:
     """AIFF/AIFC: the tag lives in an ``ID3 `` chunk."""
-    return ID3Handler(AIFF(path, translate=False), id3v1=False)
+    return ID3Handler(AIFF(path, translate=False), id3v1=False, delete_v2=mutagen.aiff.delete)
 
 
 def open_wave(path: Path) -> ID3Handler:
     """WAV: the tag lives in an ``id3 `` chunk; RIFF INFO is left untouched."""
-    return ID3Handler(WAVE(path, translate=False), id3v1=False)
+    return ID3Handler(WAVE(path, translate=False), id3v1=False, delete_v2=mutagen.wave.delete)

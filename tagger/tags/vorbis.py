@@ -21,8 +21,15 @@ from tagger.tags.base import MARKER_NAME, MultiValueHandler
 class VorbisHandler(MultiValueHandler):
     """``GENRE`` (repeated) for the genre, ``TAGGER_GENRE`` for the marker."""
 
+    FAMILY = "vorbis"
     GENRE_KEY = "GENRE"
     MARKER_KEY = MARKER_NAME
+
+    def _drop_block(self) -> None:
+        # Only native FLAC may lack a comment block (Ogg streams always carry one).
+        if isinstance(self._file, FLAC):
+            self._file.metadata_blocks.remove(self._file.tags)
+            self._file.tags = None
 
 
 def open_flac(path: Path) -> VorbisHandler:
