@@ -86,6 +86,7 @@ def main(ctx: click.Context, config_file: str | None, verbose: int) -> None:
 @click.option("--learning-rate", type=float, default=None)
 @click.option("--patience", type=int, default=None, help="Early stopping: epochs without a better valid accuracy.")
 @click.option("--seed", type=int, default=None)
+@click.option("--select", type=click.Choice(["best", "last"]), default=None, help="Keep each member's best epoch on --valid (valid then overstates accuracy) or the last epoch (honest; default when the valid figure is to be reported).")
 @click.option("--mixup", type=float, default=None, help="Mixup alpha (0 turns mixup off).")
 @click.option("--masks/--no-masks", default=True, help="SpecAugment time and frequency masks.")
 @click.option("--arch", "arch_json", default=None, help='DenseNet settings as JSON, e.g. \'{"blocks": [4, 4, 4], "growth": 12}\'.')
@@ -93,8 +94,14 @@ def main(ctx: click.Context, config_file: str | None, verbose: int) -> None:
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, help="Feature cache for audio folders (default: OUT/../feature-cache).")
 @click.option("--name", default=None, help="Model name recorded in the bundle.")
 @click.option("--jobs", type=click.IntRange(1), default=1, show_default=True, help="Members trained in parallel processes (one thread each).")
+@click.option("--teacher", type=click.Choice(["musicnn"]), default=None, help="Build the model on the pretrained musicnn tagger (frozen branch + linear head; needs `pip install --no-deps musicnn==0.1.0`) instead of training a DenseNet.")
+@click.option("--densenet", "densenet_bundle", type=click.Path(exists=True), default=None, help="With --teacher: a DenseNet bundle (from `tagger train`, same training data) pooled with the branch.")
+@click.option("--densenet-weight", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="With --densenet: its weight in the log-linear pool of the two branches.")
+@click.option("--patches", type=click.IntRange(1, 10), default=None, help="With --teacher: 3-second patches of each window the teacher hears (default 5; speed knob).")
+@click.option("--embedding-dim", type=click.IntRange(2), default=None, help="With --teacher: principal components kept as the embedding (default 256).")
+@click.option("--head-c", type=float, default=None, help="With --teacher: inverse L2 strength of the logistic-regression head (default 0.05).")
 @pass_ctx
-def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, members, crop, batch_size, learning_rate, patience, seed, arch_json, out_dir, cache_dir, name, jobs, mixup, masks) -> None:
+def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, members, crop, batch_size, learning_rate, patience, seed, select, arch_json, out_dir, cache_dir, name, jobs, mixup, masks, teacher, densenet_bundle, densenet_weight, patches, embedding_dim, head_c) -> None:
     """Train a genre model on DATA (PNG layout or <genre>/ audio folders)."""
     import numpy as np
 
@@ -102,7 +109,7 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
     from .model.train import TrainConfig, run_training
 
     cfg = TrainConfig()
-    for key, value in {"epochs": epochs, "members": members, "crop": crop, "batch_size": batch_size, "learning_rate": learning_rate, "patience": patience, "seed": seed, "mixup_alpha": mixup}.items():
+    for key, value in {"epochs": epochs, "members": members, "crop": crop, "batch_size": batch_size, "learning_rate": learning_rate, "patience": patience, "seed": seed, "mixup_alpha": mixup, "select": select}.items():
         if value is not None:
             setattr(cfg, key, value)
     if not masks:
@@ -152,6 +159,25 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
         click.echo(f"member {row['member']} epoch {row['epoch']:>3}/{row['epochs']}  loss {row['loss']:.3f}  lr {row['lr']:.2e}{val}  {row['seconds']:.1f}s", err=True)
 
     summary = {"source": str(root.resolve()), "train": tr.summary(), "valid": va.summary() if va else None}
+    if teacher:
+        from .teacher.branch import HeadConfig, run_branch_training
+        from .teacher.checkpoint import TeacherUnavailable
+
+        hc = HeadConfig(densenet_weight=densenet_weight if densenet_bundle else 0.0)
+        for key, value in {"patches": patches, "embedding_dim": embedding_dim, "c": head_c}.items():
+            if value is not None:
+                setattr(hc, key, value)
+        try:
+            bundle, metrics = run_branch_training(
+                tr, va, hc, out, name=name or out.name, data_summary=summary, cache_dir=cache.parent / "teacher-cache",
+                densenet_bundle=Path(densenet_bundle) if densenet_bundle else None, progress=lambda s: click.echo(s, err=True),
+            )
+        except TeacherUnavailable as exc:
+            fail(str(exc))
+        click.echo(f"saved {bundle.path} (sha256 {bundle.sha256[:12]})")
+        if "valid" in metrics:
+            click.echo(f"valid accuracy {metrics['valid']['accuracy']:.2%} on {metrics['valid']['n']} clips")
+        return
     bundle, metrics = run_training(tr, va, cfg, out, name=name or out.name, data_summary=summary, progress=progress, jobs=jobs)
     click.echo(f"saved {bundle.path} (sha256 {bundle.sha256[:12]})")
     if "valid" in metrics:

@@ -1,0 +1,287 @@
+"""The genre model with a frozen pretrained branch: musicnn behind the bridge.
+
+Route chosen for the shipped model (see README, "The model"): the teacher's own
+front-end, mid-end and back-end (musicnn, pretrained on ~200 k songs, frozen)
+hear each window through the bridge; their per-patch pooled features (mean and
+max over time of 753 features per frame) are pooled again over the window's
+patches (mean and max: 3,012 features), standardised, projected on their
+principal components (the embedding the database keeps) and classified by a
+linear softmax head fitted on the training windows. A DenseNet trained by
+``tagger train`` may sit beside it: its probabilities and the head's are pooled
+log-linearly (``LogLinearPool``) with a weight fixed before training.
+
+Training-side only: builds Keras models (TensorFlow); the bundle it writes is
+exported to ONNX for scan and serve.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+from .. import features
+from . import bridge as br
+
+#: Teacher features per window: mean and max over patches of [mean_pool, max_pool].
+WINDOW_FEATURES = 4 * 753
+
+
+@dataclass
+class HeadConfig:
+    """Everything that decides the head; saved in the bundle."""
+
+    patches: int = 5
+    embedding_dim: int = 256
+    c: float = 0.05
+    densenet_weight: float = 0.0
+    log10_gain: float = br.DEFAULT_LOG10_GAIN
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("patches", "embedding_dim", "c", "densenet_weight", "log10_gain", "extra")}
+
+
+def window_features(mean_pool: np.ndarray, max_pool: np.ndarray, patches: int) -> np.ndarray:
+    """Per-patch outputs ``(N, 10, 753)`` → the branch's features ``(N, 3012)`` for ``patches`` patches.
+
+    Mirrors the Keras graph exactly: per patch ``[mean_pool, max_pool]``, then
+    the mean and the max of those over the chosen (evenly spread) patches.
+    """
+    from .musicnn import Bridge
+
+    idx = Bridge.patch_indices(patches)
+    per = np.concatenate([mean_pool[:, idx], max_pool[:, idx]], axis=-1).astype(np.float32)
+    return np.concatenate([per.mean(axis=1), per.max(axis=1)], axis=-1)
+
+
+class PatchCache:
+    """The teacher's per-patch outputs for windows, computed once and kept on disk.
+
+    Keyed by the window's bytes and the bridge gain, so the same window is never
+    run through the teacher twice, whatever the split or the crop.
+    """
+
+    def __init__(self, cache_dir: Path | None, log10_gain: float = br.DEFAULT_LOG10_GAIN):
+        self.dir = Path(cache_dir) if cache_dir else None
+        self.log10_gain = float(log10_gain)
+        self._net = None
+
+    def _key(self, window: np.ndarray) -> str:
+        h = hashlib.sha256(np.ascontiguousarray(window).tobytes())
+        h.update(f"musicnn|{self.log10_gain:.6f}|{features.REPRESENTATION_VERSION}".encode())
+        return h.hexdigest()[:32]
+
+    def _model(self):
+        if self._net is None:
+            import keras
+
+            from .checkpoint import load_musicnn
+            from .musicnn import Bridge
+
+            musicnn = load_musicnn()
+            inp = keras.Input((features.N_MELS, features.N_COLUMNS), dtype="uint8")
+            b = Bridge(self.log10_gain, br.PATCHES_PER_WINDOW)
+            x = b(inp)
+            b.set_matrices()
+            out = musicnn(x)
+            self._net = keras.Model(inp, [out["mean_pool"], out["max_pool"]])
+        return self._net
+
+    def outputs(self, x: np.ndarray, progress: Callable[[int, int], None] | None = None, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """``(N, 10, 753)`` mean_pool and max_pool of every window of ``x``."""
+        n = len(x)
+        mean = np.zeros((n, br.PATCHES_PER_WINDOW, 753), np.float16)
+        mx = np.zeros_like(mean)
+        keys = [self._key(w) for w in x]
+        todo = []
+        for i, k in enumerate(keys):
+            f = self.dir / f"{k}.npz" if self.dir else None
+            if f is not None and f.exists():
+                with np.load(f) as z:
+                    mean[i], mx[i] = z["mean_pool"], z["max_pool"]
+            else:
+                todo.append(i)
+        if self.dir:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        for s in range(0, len(todo), batch):
+            idx = todo[s : s + batch]
+            a, b = self._model().predict_on_batch(x[idx])
+            a = np.asarray(a).reshape(len(idx), br.PATCHES_PER_WINDOW, -1)
+            b = np.asarray(b).reshape(len(idx), br.PATCHES_PER_WINDOW, -1)
+            for j, i in enumerate(idx):
+                mean[i], mx[i] = a[j], b[j]
+                if self.dir:
+                    tmp = self.dir / f".{keys[i]}.{os.getpid()}.tmp.npz"
+                    np.savez(tmp, mean_pool=a[j].astype(np.float16), max_pool=b[j].astype(np.float16))
+                    os.replace(tmp, self.dir / f"{keys[i]}.npz")
+            if progress:
+                progress(min(s + batch, len(todo)), len(todo))
+        del t0
+        return mean, mx
+
+
+@dataclass
+class Head:
+    """Standardisation, principal components and the linear softmax head, as arrays."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    components: np.ndarray  # (dim, 3012)
+    pca_mean: np.ndarray
+    coef: np.ndarray  # (n_classes, dim)
+    intercept: np.ndarray
+
+    def embed(self, f: np.ndarray) -> np.ndarray:
+        return ((f - self.mean) / self.scale - self.pca_mean) @ self.components.T
+
+    def logits(self, f: np.ndarray) -> np.ndarray:
+        return self.embed(f) @ self.coef.T + self.intercept
+
+
+def fit_head(f: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig) -> Head:
+    """Standardise, project on ``embedding_dim`` principal components, fit a multinomial logistic regression."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    sc = StandardScaler().fit(f)
+    z = sc.transform(f)
+    dim = min(cfg.embedding_dim, z.shape[0] - 1, z.shape[1])
+    pca = PCA(n_components=dim, random_state=0).fit(z)
+    e = pca.transform(z)
+    lr = LogisticRegression(C=cfg.c, max_iter=5000).fit(e, y)
+    coef = np.zeros((n_classes, dim), np.float64)
+    intercept = np.full(n_classes, -30.0)  # a genre absent from training is never chosen
+    coef[lr.classes_] = lr.coef_ if len(lr.classes_) > 2 else np.vstack([-lr.coef_, lr.coef_])
+    intercept[lr.classes_] = lr.intercept_ if len(lr.classes_) > 2 else np.array([-lr.intercept_[0], lr.intercept_[0]])
+    return Head(sc.mean_, sc.scale_, pca.components_, pca.mean_, coef, intercept)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def fuse(teacher_logits: np.ndarray, densenet_probs: np.ndarray | None, weight: float) -> np.ndarray:
+    """The shipped pooling of the two branches, in numpy (``LogLinearPool`` in Keras)."""
+    if densenet_probs is None or weight <= 0:
+        return softmax(teacher_logits)
+    p = softmax(teacher_logits)
+    return softmax((1 - weight) * np.log(p + 1e-7) + weight * np.log(densenet_probs + 1e-7))
+
+
+@keras.saving.register_keras_serializable(package="tagger")
+class LogLinearPool(layers.Layer):
+    """``softmax((1 − w)·log softmax(logits) + w·log p)``: the head's and the DenseNet's genres, pooled."""
+
+    def __init__(self, weight: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.weight = float(weight)
+
+    def call(self, inputs):
+        logits, probs = inputs
+        logp = ops.log(ops.softmax(logits, axis=-1) + 1e-7)
+        return ops.softmax((1.0 - self.weight) * logp + self.weight * ops.log(probs + 1e-7), axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
+
+    def get_config(self):
+        return {**super().get_config(), "weight": self.weight}
+
+
+def build_branch_model(musicnn, head: Head, cfg: HeadConfig, n_classes: int, densenet=None):
+    """The shipped Keras model: ``levels`` → outputs ``genre`` (probabilities) and ``embedding``."""
+    from .musicnn import Bridge, PatchPool
+
+    inputs = keras.Input((features.N_MELS, features.N_COLUMNS), dtype="uint8", name="levels")
+    b = Bridge(cfg.log10_gain, cfg.patches, name="bridge")
+    x = b(inputs)
+    b.set_matrices()
+    musicnn.trainable = False
+    out = musicnn(x)
+    per_patch = layers.Concatenate(axis=-1, name="patch_pools")([out["mean_pool"], out["max_pool"]])
+    f = PatchPool(cfg.patches, name="teacher_features")(per_patch)
+    dim = head.components.shape[0]
+    # standardise + principal components as one affine map: the embedding
+    proj = layers.Dense(dim, name="embedding")
+    emb = proj(f)
+    kernel = (head.components / head.scale[None, :]).T
+    bias = -((head.mean / head.scale + head.pca_mean) @ head.components.T)
+    proj.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    dense = layers.Dense(n_classes, name="head")
+    logits = dense(emb)
+    dense.set_weights([head.coef.T.astype(np.float32), head.intercept.astype(np.float32)])
+    if densenet is not None and cfg.densenet_weight > 0:
+        densenet.trainable = False
+        genre = LogLinearPool(cfg.densenet_weight, name="genre")([logits, densenet(inputs)])
+    else:
+        genre = layers.Softmax(name="genre")(logits)
+    model = keras.Model(inputs, [genre, emb], name="musicnn_branch")
+    model.trainable = False
+    return model
+
+
+def run_branch_training(
+    train,
+    valid,
+    cfg: HeadConfig,
+    out_dir: Path,
+    *,
+    name: str,
+    data_summary: dict,
+    cache_dir: Path | None,
+    densenet_bundle: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+):
+    """Fit the head on the teacher's features of ``train``, build, evaluate on ``valid``, save the bundle."""
+    from ..model.bundle import load_bundle, save_bundle
+    from ..model.evaluate import plot_confusion, report_from
+    from .checkpoint import checkpoint_prefix, load_musicnn
+
+    say = progress or (lambda s: None)
+    t0 = time.time()
+    cache = PatchCache(cache_dir, cfg.log10_gain)
+    say(f"teacher features of {len(train.x)} training windows (cached in {cache_dir})")
+    mean, mx = cache.outputs(train.x, progress=lambda i, n: say(f"  {i}/{n}") if i % 64 == 0 or i == n else None)
+    f_train = window_features(mean, mx, cfg.patches)
+    head = fit_head(f_train, train.y, len(train.labels), cfg)
+    densenet = None
+    if densenet_bundle is not None:
+        db = load_bundle(densenet_bundle)
+        if db.labels != list(train.labels):
+            raise ValueError(f"{densenet_bundle}: its labels {db.labels} differ from the data's {train.labels}")
+        densenet = db.model
+    model = build_branch_model(load_musicnn(), head, cfg, len(train.labels), densenet)
+    seconds = time.time() - t0
+    metrics: dict = {}
+    if valid is not None:
+        say(f"evaluating on {len(valid.x)} validation windows")
+        probs = np.concatenate([np.asarray(model.predict_on_batch(valid.x[i : i + 16])[0]) for i in range(0, len(valid.x), 16)])
+        report = report_from(probs, valid, train.labels)
+        metrics["valid"] = report.to_json()
+        plot_confusion(report, Path(out_dir) / "confusion.png", title=f"valid accuracy {report.accuracy:.1%} (n={report.n})")
+    training = {
+        "data": data_summary,
+        "route": "frozen musicnn branch + linear head" + (" + DenseNet" if densenet is not None and cfg.densenet_weight > 0 else ""),
+        "head": cfg.to_dict(),
+        "teacher": {
+            "model": "MSD_musicnn (musicnn 0.1.0, ISC licence, Music Technology Group, Universitat Pompeu Fabra)",
+            "checkpoint": str(checkpoint_prefix().name),
+        },
+        "densenet": str(densenet_bundle) if densenet is not None else None,
+        "seconds": round(seconds, 1),
+        "parameters": int(model.count_params()),
+    }
+    bundle = save_bundle(out_dir, model, train.labels, name=name, training=training, metrics=metrics, extra={"embedding_dim": int(head.components.shape[0])})
+    return bundle, metrics
