@@ -14,7 +14,7 @@ import socket
 from collections.abc import Iterable
 from datetime import datetime
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Text, cast, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from tagger.store.models import (
@@ -23,6 +23,7 @@ from tagger.store.models import (
     JOB_LIVE_STATES,
     JOB_QUEUED,
     TRACK_REMOVED,
+    FsPath,
     Job,
     Track,
     utcnow,
@@ -136,9 +137,11 @@ def known_for(session: Session, paths: Iterable[str]) -> dict[str, tuple[int, fl
 
 
 def _under(prefix: str):
-    # path LIKE 'prefix/%' with LIKE's wildcards escaped
+    # path LIKE 'prefix/%' with LIKE's wildcards escaped; compared as TEXT on both sides,
+    # since SQLite's LIKE never matches a BLOB (a path that is not UTF-8, tagger.paths)
     esc = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return Track.path.like(esc.rstrip("/") + "/%", escape="\\")
+    pattern = literal(esc.rstrip("/") + "/%", FsPath)
+    return cast(Track.path, Text).like(cast(pattern, Text), escape="\\")
 
 
 def tracks_under(session: Session, prefix: str) -> list[tuple[str, str]]:

@@ -62,6 +62,9 @@ class _Group(click.Group):
 @click.pass_context
 def main(ctx: click.Context, config_file: str | None, verbose: int) -> None:
     """Classify the genre of music files and write it into their tags."""
+    from .paths import escape_streams
+
+    escape_streams()  # a file name that is not UTF-8 is shown as caf\xe9.mp3, never a crash
     logging.basicConfig(
         level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
