@@ -194,11 +194,7 @@ class Daemon:
         from tagger.model.infer import Classifier
 
         cfg = self.cfg
-        # Decode processes must not outlive the daemon (see decoders.py).
-        with contextlib.suppress(Exception):
-            import multiprocessing
-
-            multiprocessing.get_context("forkserver").set_forkserver_preload(["__main__", f"{__package__}.decoders"])
+        # The decode processes die with the daemon, even after kill -9 (tagger.lifeline).
         bundle = load_bundle(cfg.model.path or None)
         clf = Classifier(bundle, batch_size=cfg.daemon.batch_size, max_windows=cfg.model.max_windows, workers=cfg.model.workers or None)
         clf.predict_windows(np.zeros((1, features.N_MELS, features.N_COLUMNS), dtype=np.uint8))  # load + trace now

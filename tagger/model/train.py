@@ -336,6 +336,9 @@ def _train_and_save(train, valid, cfg, seed, ckpt_dir: Path, progress) -> None:
 def _job_init() -> None:
     import os
 
+    from ..lifeline import die_with_parent
+
+    die_with_parent()  # a killed `tagger train` takes its jobs with it
     for var in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
