@@ -35,6 +35,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from tagger import quiet
 from tagger.config import Config, ConfigError, load_config
 from tagger.library import FileStat, Library, Options, Outcome
 from tagger.store import jobs
@@ -606,7 +607,7 @@ class Daemon:
 def serve(cfg: Config, *, verbose: int = 0) -> int:
     """Run the daemon in the foreground until SIGTERM / SIGINT; returns the exit status."""
     logs.setup(verbose)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet.setup(verbose)  # the log holds the daemon's own lines, not its libraries' chatter
     if sys.platform != "linux":  # pragma: no cover
         log.warning("tagger serve is made for Linux (inotify, systemd); watching by polling may be all that works here")
     return Daemon(cfg).run()

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 import click
 
+from . import quiet
 from .config import Config, ConfigError, load_config
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_DB, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -70,7 +70,7 @@ def main(ctx: click.Context, config_file: str | None, verbose: int) -> None:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet.setup(verbose)  # stderr: tagger's own lines, not its libraries' start-up chatter
     ctx.obj = Context(config_file, verbose)
 
 

@@ -283,6 +283,9 @@ def run_training(
     ``jobs > 1`` members train in parallel processes, one thread each: on a few
     CPU cores that beats one process whose small convolutions cannot use them all.
     """
+    from .. import quiet
+
+    quiet.load_backend()
     import keras
 
     from . import densenet
@@ -342,6 +345,9 @@ def _job_init() -> None:
     for var in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from .. import quiet
+
+    quiet.load_backend()
 
 
 def _job(args) -> int:
