@@ -37,6 +37,7 @@ from typing import Any
 
 from tagger import quiet
 from tagger.config import Config, ConfigError, load_config
+from tagger.exits import EXIT_DB, EXIT_FAILURES, EXIT_OK, EXIT_USAGE
 from tagger.library import FileStat, Library, Options, Outcome
 from tagger.store import jobs
 from tagger.store.db import Database, DatabaseLocked, open_db
@@ -51,7 +52,7 @@ from .worker import Worker
 
 log = logging.getLogger("tagger.daemon")
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DB = 0, 1, 2, 3
+EXIT_FAILURE = EXIT_FAILURES  # status 1: the daemon stopped on an error
 STOP_GRACE = 10.0  # the current batch may finish within this many seconds of SIGTERM
 STOP_BOUND = 25.0  # the whole shutdown; then whatever is left is given back and we exit
 PRESENCE_INTERVAL = 2.0  # seconds between checks that the watched folders are still there

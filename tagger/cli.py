@@ -14,10 +14,9 @@ from pathlib import Path
 
 import click
 
-from . import quiet
+from . import exits, quiet
 from .config import Config, ConfigError, load_config
-
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_DB, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+from .exits import EXIT_DB, EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, fail
 
 
 class Context:
@@ -34,11 +33,6 @@ class Context:
             except ConfigError as exc:
                 fail(f"configuration: {exc}", EXIT_USAGE)
         return self._config
-
-
-def fail(message: str, code: int = EXIT_USAGE) -> None:
-    click.echo(f"tagger: {message}", err=True)
-    sys.exit(code)
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -233,15 +227,7 @@ def evaluate(ctx: Context, data, model_path, split, as_json, plot, max_windows) 
 
 
 def open_database(ctx: Context):
-    from .store.db import DatabaseLocked, open_db
-
-    cfg = ctx.config
-    try:
-        return open_db(cfg.database.resolved(), busy_timeout=cfg.database.busy_timeout)
-    except DatabaseLocked as exc:
-        fail(str(exc), EXIT_DB)
-    except Exception as exc:  # a corrupt or foreign file: say so, do not traceback
-        fail(f"database {cfg.database.resolved()}: {str(exc).splitlines()[0]}", EXIT_DB)
+    return exits.open_database(ctx.config)
 
 
 @main.command()
