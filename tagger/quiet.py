@@ -59,17 +59,22 @@ def setup(verbose: int = 0) -> None:
 def native_stderr() -> Iterator[None]:
     """Hold what C libraries write to file descriptor 2 during the block, then pass it on
     without the lines that match :data:`NATIVE_NOISE` (all of it if the block fails)."""
-    try:
-        saved = os.dup(2) if _quiet and sys.platform != "win32" else None
-    except OSError:  # no fd 2
-        saved = None
-    if saved is None:
+    held = None
+    if _quiet and sys.platform != "win32":
+        with contextlib.suppress(OSError):  # no temporary space: hold nothing back
+            held = tempfile.TemporaryFile()  # noqa: SIM115 (closed below, by the with)
+    if held is None:
         yield
         return
     with contextlib.suppress(Exception):
         sys.stderr.flush()
     failed = False
-    with tempfile.TemporaryFile() as held:
+    with held:
+        try:
+            saved = os.dup(2)
+        except OSError:
+            yield
+            return
         os.dup2(held.fileno(), 2)
         try:
             yield
@@ -90,5 +95,7 @@ def native_stderr() -> Iterator[None]:
 
 def load_backend() -> None:
     """Import Keras and its backend with their start-up chatter dropped (a no-op once loaded)."""
+    if _quiet:  # also for a library user who never called setup()
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     with native_stderr():
         import keras  # noqa: F401
