@@ -37,7 +37,7 @@ ERRORS = "tagger.escape"
 
 def is_text(path: str) -> bool:
     """Whether the name is valid Unicode (no undecodable bytes in it)."""
-    return _SURROGATE.search(path) is None
+    return path.isascii() or _SURROGATE.search(path) is None
 
 
 def to_db(path: str) -> str | bytes:

@@ -22,6 +22,8 @@ Conventions, chosen so that people can read the file with the ``sqlite3`` shell:
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -121,6 +123,15 @@ class FsPath(TypeDecorator[str]):
 
     def process_result_value(self, value: str | bytes | None, dialect: Dialect) -> str | None:
         return None if value is None else paths.from_db(value)
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], Any]:
+        # One cheap call per row: ``known_files`` reads every path of the library.
+        fsdecode = os.fsdecode
+
+        def process(value: Any) -> Any:
+            return fsdecode(value) if value.__class__ is bytes else value
+
+        return process
 
 
 class Message(TypeDecorator[str]):
