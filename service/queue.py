@@ -146,7 +146,7 @@ def _under(prefix: str):
 
 def tracks_under(session: Session, prefix: str) -> list[tuple[str, str]]:
     """``(path, status)`` of every track below the folder ``prefix``."""
-    return list(session.execute(select(Track.path, Track.status).where(_under(prefix))).tuples())
+    return [(p, s) for p, s in session.execute(select(Track.path, Track.status).where(_under(prefix)))]
 
 
 def live_count(session: Session, kind: str) -> int:
@@ -160,7 +160,7 @@ def pending_deletions(session: Session, limit: int = 5000) -> list[tuple[str, in
     out: list[tuple[str, int, float]] = []
     for p in session.scalars(select(Job.path).where(Job.kind == "delete", Job.state.in_(JOB_LIVE_STATES)).limit(limit)):
         rows = session.execute(select(Track.path, Track.size, Track.mtime).where(or_(Track.path == p, _under(p)), Track.status != TRACK_REMOVED))
-        out.extend(rows.tuples())
+        out.extend((path, size, mtime) for path, size, mtime in rows)
     return out
 
 
