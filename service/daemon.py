@@ -35,7 +35,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from tagger import quiet
 from tagger.config import Config, ConfigError, load_config
+from tagger.exits import EXIT_DB, EXIT_FAILURES, EXIT_OK, EXIT_USAGE
 from tagger.library import FileStat, Library, Options, Outcome
 from tagger.store import jobs
 from tagger.store.db import Database, DatabaseLocked, open_db
@@ -50,7 +52,7 @@ from .worker import Worker
 
 log = logging.getLogger("tagger.daemon")
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DB = 0, 1, 2, 3
+EXIT_FAILURE = EXIT_FAILURES  # status 1: the daemon stopped on an error
 STOP_GRACE = 10.0  # the current batch may finish within this many seconds of SIGTERM
 STOP_BOUND = 25.0  # the whole shutdown; then whatever is left is given back and we exit
 PRESENCE_INTERVAL = 2.0  # seconds between checks that the watched folders are still there
@@ -194,11 +196,7 @@ class Daemon:
         from tagger.model.infer import Classifier
 
         cfg = self.cfg
-        # Decode processes must not outlive the daemon (see decoders.py).
-        with contextlib.suppress(Exception):
-            import multiprocessing
-
-            multiprocessing.get_context("forkserver").set_forkserver_preload(["__main__", f"{__package__}.decoders"])
+        # The decode processes die with the daemon, even after kill -9 (tagger.lifeline).
         bundle = load_bundle(cfg.model.path or None)
         clf = Classifier(bundle, batch_size=cfg.daemon.batch_size, max_windows=cfg.model.max_windows, workers=cfg.model.workers or None)
         clf.predict_windows(np.zeros((1, features.N_MELS, features.N_COLUMNS), dtype=np.uint8))  # load + trace now
@@ -610,7 +608,7 @@ class Daemon:
 def serve(cfg: Config, *, verbose: int = 0) -> int:
     """Run the daemon in the foreground until SIGTERM / SIGINT; returns the exit status."""
     logs.setup(verbose)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet.setup(verbose)  # the log holds the daemon's own lines, not its libraries' chatter
     if sys.platform != "linux":  # pragma: no cover
         log.warning("tagger serve is made for Linux (inotify, systemd); watching by polling may be all that works here")
     return Daemon(cfg).run()

@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+from tagger.paths import escape_streams
+
 #: syslog priorities (sd-daemon(3) prefixes) for Python's levels.
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
 
@@ -46,6 +48,7 @@ class JournalFormatter(logging.Formatter):
 def setup(verbose: int = 0, *, stream=None) -> None:
     """Configure the root logger for the daemon: INFO by default, DEBUG with ``-vv``."""
     stream = stream or sys.stderr
+    escape_streams(stream)  # a file name that is not UTF-8 is logged as caf\xe9.mp3
     handler = logging.StreamHandler(stream)
     if under_journald(stream):
         handler.setFormatter(JournalFormatter())

@@ -14,7 +14,7 @@ import socket
 from collections.abc import Iterable
 from datetime import datetime
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Text, cast, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from tagger.store.models import (
@@ -23,6 +23,7 @@ from tagger.store.models import (
     JOB_LIVE_STATES,
     JOB_QUEUED,
     TRACK_REMOVED,
+    FsPath,
     Job,
     Track,
     utcnow,
@@ -136,14 +137,16 @@ def known_for(session: Session, paths: Iterable[str]) -> dict[str, tuple[int, fl
 
 
 def _under(prefix: str):
-    # path LIKE 'prefix/%' with LIKE's wildcards escaped
+    # path LIKE 'prefix/%' with LIKE's wildcards escaped; compared as TEXT on both sides,
+    # since SQLite's LIKE never matches a BLOB (a path that is not UTF-8, tagger.paths)
     esc = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return Track.path.like(esc.rstrip("/") + "/%", escape="\\")
+    pattern = literal(esc.rstrip("/") + "/%", FsPath)
+    return cast(Track.path, Text).like(cast(pattern, Text), escape="\\")
 
 
 def tracks_under(session: Session, prefix: str) -> list[tuple[str, str]]:
     """``(path, status)`` of every track below the folder ``prefix``."""
-    return list(session.execute(select(Track.path, Track.status).where(_under(prefix))).tuples())
+    return [(p, s) for p, s in session.execute(select(Track.path, Track.status).where(_under(prefix)))]
 
 
 def live_count(session: Session, kind: str) -> int:
@@ -157,7 +160,7 @@ def pending_deletions(session: Session, limit: int = 5000) -> list[tuple[str, in
     out: list[tuple[str, int, float]] = []
     for p in session.scalars(select(Job.path).where(Job.kind == "delete", Job.state.in_(JOB_LIVE_STATES)).limit(limit)):
         rows = session.execute(select(Track.path, Track.size, Track.mtime).where(or_(Track.path == p, _under(p)), Track.status != TRACK_REMOVED))
-        out.extend(rows.tuples())
+        out.extend((path, size, mtime) for path, size, mtime in rows)
     return out
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,7 +238,9 @@ def _open_soundfile(p: Path) -> soundfile.SoundFile | None:
     import soundfile as sf
 
     try:
-        f = sf.SoundFile(str(p))
+        # Bytes: soundfile encodes a str name as strict UTF-8, which a name that is not
+        # UTF-8 (``caf\xe9.flac``) fails; PyAV takes such a str as it is.
+        f = sf.SoundFile(os.fsencode(p))
     except (sf.SoundFileError, RuntimeError, OSError, ValueError, TypeError):
         return None
     if f.format == "MP3" or f.frames <= 0 or f.samplerate <= 0:

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 import click
 
+from . import exits, quiet
 from .config import Config, ConfigError, load_config
-
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_DB, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+from .exits import EXIT_DB, EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, fail
 
 
 class Context:
@@ -34,11 +33,6 @@ class Context:
             except ConfigError as exc:
                 fail(f"configuration: {exc}", EXIT_USAGE)
         return self._config
-
-
-def fail(message: str, code: int = EXIT_USAGE) -> None:
-    click.echo(f"tagger: {message}", err=True)
-    sys.exit(code)
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -62,12 +56,15 @@ class _Group(click.Group):
 @click.pass_context
 def main(ctx: click.Context, config_file: str | None, verbose: int) -> None:
     """Classify the genre of music files and write it into their tags."""
+    from .paths import escape_streams
+
+    escape_streams()  # a file name that is not UTF-8 is shown as caf\xe9.mp3, never a crash
     logging.basicConfig(
         level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet.setup(verbose)  # stderr: tagger's own lines, not its libraries' start-up chatter
     ctx.obj = Context(config_file, verbose)
 
 
@@ -256,15 +253,7 @@ def evaluate(ctx: Context, data, model_path, split, as_json, plot, max_windows) 
 
 
 def open_database(ctx: Context):
-    from .store.db import DatabaseLocked, open_db
-
-    cfg = ctx.config
-    try:
-        return open_db(cfg.database.resolved(), busy_timeout=cfg.database.busy_timeout)
-    except DatabaseLocked as exc:
-        fail(str(exc), EXIT_DB)
-    except Exception as exc:  # a corrupt or foreign file: say so, do not traceback
-        fail(f"database {cfg.database.resolved()}: {str(exc).splitlines()[0]}", EXIT_DB)
+    return exits.open_database(ctx.config)
 
 
 @main.command()

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import paths as paths_
 from . import tags
 from .config import Config, TagsConfig
 from .model.infer import Classification, Classifier
@@ -453,7 +454,8 @@ class Library:
         with self.db.session(write=False) as s:
             q = select(Track.path).join(TagWrite, TagWrite.track_id == Track.id).where(*open_writes).distinct()
             if paths is not None:
-                wanted = [str(Path(p).expanduser().absolute()) for p in paths]
+                # A name as ``query`` shows it (caf\xe9.mp3) finds the file too.
+                wanted = [c for p in paths for c in paths_.candidates(str(Path(p).expanduser().absolute()))]
                 q = q.where(Track.path.in_(wanted))
             todo = list(s.scalars(q))
         for path in todo:

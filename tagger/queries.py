@@ -7,9 +7,11 @@ import io
 import json
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
 
+from . import paths
 from .store.db import Database
+from .store.models import FsPath
 
 _COLUMNS = ("path", "status", "top_genre", "confidence", "written_genres", "model_name", "last_scanned")
 
@@ -23,7 +25,11 @@ def query_tracks(
     path_glob: str | None = None,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows of the ``track_genres`` view, filtered; the genre matches label or written name."""
+    """Rows of the ``track_genres`` view, filtered; the genre matches label or written name.
+
+    ``path_glob`` matches the path's bytes; a pattern with ``\\xNN`` escapes (as ``query``
+    prints names that are not UTF-8) also matches the bytes they stand for.
+    """
     where, params = [], {}
     if genre:
         where.append("(lower(top_genre) = :g OR lower(replace(top_genre, '-', '')) = :g2 OR lower(written_genres) LIKE :gl)")
@@ -34,17 +40,23 @@ def query_tracks(
     if status:
         where.append("status = :s")
         params["s"] = status
+    binds = []
     if path_glob:
-        where.append("path GLOB :p")
-        params["p"] = path_glob
+        globs = paths.candidates(path_glob)
+        # CAST: SQLite's GLOB never matches a BLOB (a name that is not UTF-8) as it is.
+        where.append("(" + " OR ".join(f"CAST(path AS TEXT) GLOB CAST(:p{i} AS TEXT)" for i in range(len(globs))) + ")")
+        for i, g in enumerate(globs):
+            params[f"p{i}"] = g
+            binds.append(bindparam(f"p{i}", type_=FsPath))
     sql = f"SELECT {', '.join(_COLUMNS)} FROM track_genres"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY path"
+    sql += " ORDER BY CAST(path AS BLOB)"  # byte order, whether a path is TEXT or BLOB
     if limit:
         sql += f" LIMIT {int(limit)}"
+    stmt = text(sql).bindparams(*binds).columns(path=FsPath) if binds else text(sql).columns(path=FsPath)
     with db.session(write=False) as s:
-        rows = [dict(r._mapping) for r in s.execute(text(sql), params)]
+        rows = [dict(r._mapping) for r in s.execute(stmt, params)]
     for r in rows:
         r["written_genres"] = json.loads(r["written_genres"]) if r["written_genres"] else []
         if r["last_scanned"] is not None:
@@ -65,15 +77,20 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
     lines = [f"{'status':<11}{'genre':<11}{'conf':>6}  {'written':<20} path"]
     for r in rows:
         conf = f"{r['confidence']:.2f}" if r["confidence"] is not None else "-"
-        lines.append(f"{r['status']:<11}{(r['top_genre'] or '-'):<11}{conf:>6}  {'; '.join(r['written_genres']) or '-':<20} {r['path']}")
+        lines.append(f"{r['status']:<11}{(r['top_genre'] or '-'):<11}{conf:>6}  {'; '.join(r['written_genres']) or '-':<20} {paths.display(r['path'])}")
     lines.append(f"({len(rows)} tracks)")
     return "\n".join(lines) + "\n"
 
 
 def show_track(db: Database, path: str) -> dict[str, Any] | None:
+    """Everything about one track; ``path`` may be the ``\\xNN`` form ``query`` prints."""
+    stmt = text("SELECT * FROM tracks WHERE path = :p").bindparams(bindparam("p", type_=FsPath)).columns(path=FsPath)
     with db.session(write=False) as s:
-        t = s.execute(text("SELECT * FROM tracks WHERE path = :p"), {"p": path}).mappings().first()
-        if t is None:
+        for candidate in paths.candidates(path):
+            t = s.execute(stmt, {"p": candidate}).mappings().first()
+            if t is not None:
+                break
+        else:
             return None
         preds = s.execute(
             text(

@@ -80,8 +80,8 @@ SUMMARY_ORDER = ("tagged", "would-tag", "kept", "low-confidence", "unchanged", "
 
 
 def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confidence, as_json: bool) -> int:
-    """Walk, classify, tag, record; returns the exit status (see ``tagger.cli``)."""
-    from .cli import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, fail, open_database
+    """Walk, classify, tag, record; returns the exit status (see ``tagger.exits``)."""
+    from .exits import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, fail, open_database
     from .model.bundle import BundleError, load_bundle
     from .model.infer import Classifier
     from .store.db import DatabaseLocked
@@ -98,7 +98,7 @@ def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confi
         bundle = load_bundle(cfg.model.path or None)
     except BundleError as exc:
         fail(str(exc))
-    db = open_database(ctx)
+    db = open_database(cfg)
     options = Options.from_config(cfg, policy=policy, top_k=top_k, min_confidence=min_confidence, dry_run=dry_run)
     walk_errors: list[tuple[str, str]] = []
     t0 = time.monotonic()

@@ -621,7 +621,7 @@ def test_kill_9_mid_batch_then_restart(env: Env, flac: Path):
             return True
         return False
 
-    # the fork server and decode workers die with the daemon (service/decoders.py)
+    # the fork server and decode workers die with the daemon (tagger/lifeline.py)
     wait_until(group_gone, 10, "the daemon's decode processes to exit")
     d.kill_group()
     # tagger status reports the dead daemon's claims as in flight

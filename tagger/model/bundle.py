@@ -11,13 +11,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .. import features
+from .. import features, quiet
 
 MODEL_FILE = "model.keras"
 META_FILE = "bundle.json"
@@ -48,7 +47,7 @@ class Bundle:
     def model(self):
         """The Keras model, loaded on first use (keeps ``tagger query`` free of TensorFlow)."""
         if self._model is None:
-            _quiet_backend()
+            quiet.load_backend()
             import keras
 
             from . import densenet  # noqa: F401  (registers the custom layer)
@@ -58,10 +57,6 @@ class Bundle:
             except Exception as exc:  # keras raises many types for a bad file
                 raise BundleError(f"{self.path}: cannot load {MODEL_FILE}: {str(exc).splitlines()[0]}") from exc
         return self._model
-
-
-def _quiet_backend() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def file_sha256(path: Path) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import features
+from .. import features, lifeline
 from .bundle import Bundle, load_bundle
 
 DEFAULT_BATCH = 64
@@ -114,6 +114,8 @@ class Classifier:
         if self._pool is None:
             # forkserver: never fork a process that has a TensorFlow runtime in it.
             ctx = mp.get_context("forkserver")
+            # The fork server and its workers die with this process, even after kill -9.
+            ctx.set_forkserver_preload(lifeline.forkserver_preload())
             self._pool = ProcessPoolExecutor(
                 self.workers, mp_context=ctx, initializer=_worker_init, initargs=(features.mel_basis(),)
             )

@@ -288,6 +288,9 @@ def run_training(
     ``jobs > 1`` members train in parallel processes, one thread each: on a few
     CPU cores that beats one process whose small convolutions cannot use them all.
     """
+    from .. import quiet
+
+    quiet.load_backend()
     import keras
 
     from . import densenet
@@ -341,9 +344,15 @@ def _train_and_save(train, valid, cfg, seed, ckpt_dir: Path, progress) -> None:
 def _job_init() -> None:
     import os
 
+    from ..lifeline import die_with_parent
+
+    die_with_parent()  # a killed `tagger train` takes its jobs with it
     for var in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from .. import quiet
+
+    quiet.load_backend()
 
 
 def _job(args) -> int:

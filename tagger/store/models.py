@@ -13,12 +13,17 @@ Conventions, chosen so that people can read the file with the ``sqlite3`` shell:
 * JSON values are plain ``TEXT`` columns holding JSON (use ``json_extract`` / ``json_each``);
 * booleans are ``0`` / ``1``;
 * status / kind / state values are plain strings, documented below, not CHECK constraints,
-  so that adding a value never needs a table rebuild.
+  so that adding a value never needs a table rebuild;
+* paths are ``TEXT`` when the file name is UTF-8 (nearly always) and a ``BLOB`` of the name's
+  exact bytes when it is not (``caf\\xe9.mp3`` from an old Windows share): see
+  :mod:`tagger.paths`. Messages (``last_error``, ``reason``) show such bytes as ``\\xNN``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,6 +43,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
+
+from .. import paths
 
 # Track.status values.
 TRACK_PENDING = "pending"  # seen, not classified yet (or changed since)
@@ -103,6 +110,44 @@ class JSONText(TypeDecorator[Any]):
         return json.loads(value)
 
 
+class FsPath(TypeDecorator[str]):
+    """A file path, kept exactly: TEXT for a UTF-8 name, a BLOB of its bytes otherwise.
+
+    SQLite cannot store the lone surrogates Python uses for undecodable bytes as TEXT;
+    a column declared TEXT still holds a BLOB as is, and a BLOB never equals a TEXT, so
+    ``unique`` and ``=`` keep working. Comparisons and ``IN`` with a path bind through
+    this type too.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | bytes | None:
+        return None if value is None else paths.to_db(value)
+
+    def process_result_value(self, value: str | bytes | None, dialect: Dialect) -> str | None:
+        return None if value is None else paths.from_db(value)
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], Any]:
+        # One cheap call per row: ``known_files`` reads every path of the library.
+        fsdecode = os.fsdecode
+
+        def process(value: Any) -> Any:
+            return fsdecode(value) if value.__class__ is bytes else value
+
+        return process
+
+
+class Message(TypeDecorator[str]):
+    """Free text that may quote a path: undecodable bytes are stored as ``\\xNN``."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else paths.display(value)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
@@ -113,14 +158,14 @@ class Track(Base):
     __tablename__ = "tracks"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    path: Mapped[str] = mapped_column(Text, unique=True)
+    path: Mapped[str] = mapped_column(FsPath, unique=True)
     size: Mapped[int] = mapped_column(Integer)
     mtime: Mapped[float] = mapped_column(Float)
     duration: Mapped[float | None] = mapped_column(Float)
     format: Mapped[str | None] = mapped_column(String(16))
     content_hash: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), default=TRACK_PENDING, index=True)
-    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error: Mapped[str | None] = mapped_column(Message)
     # Hash of the [tags] settings the file's genre was last decided under; NULL when not
     # settled (a dry run, a failed tag write): a scan applies other settings, or these
     # again, from the stored prediction without classifying the file again.
@@ -187,7 +232,7 @@ class TagWrite(Base):
     # The genre and marker fields exactly as the file stored them before this write
     # (tagger.tags snapshot), so restore gives back "(17)" rather than "Rock".
     raw_before: Mapped[dict[str, Any] | None] = mapped_column(JSONText)
-    reason: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(Message)
     model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
     dry_run: Mapped[bool] = mapped_column(Boolean, default=False)
     restored: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -216,16 +261,16 @@ class Job(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    path: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(FsPath)
     kind: Mapped[str] = mapped_column(String(16))
-    dest_path: Mapped[str | None] = mapped_column(Text)
+    dest_path: Mapped[str | None] = mapped_column(FsPath)
     state: Mapped[str] = mapped_column(String(16), default=JOB_QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     not_before: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     claimed_by: Mapped[str | None] = mapped_column(String(255))
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime)
     heartbeat: Mapped[datetime | None] = mapped_column(DateTime)
-    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error: Mapped[str | None] = mapped_column(Message)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
 
