@@ -93,9 +93,8 @@ def compare(onnx_path: str | Path, model, windows: np.ndarray) -> dict[str, floa
     """Largest differences between the ONNX file and the Keras model on ``windows``."""
     two = inference_model(model)
     ref_genre, ref_emb = (np.asarray(a) for a in two.predict_on_batch(windows))
-    original = np.asarray(model.predict_on_batch(windows))
-    if len(model.outputs) == 2:
-        original = original[0]
+    outputs = model.predict_on_batch(windows)
+    original = np.asarray(outputs[0] if len(model.outputs) == 2 else outputs)
     genre, emb = OnnxModel(onnx_path, providers=["CPUExecutionProvider"]).run(windows)
     if genre.shape != original.shape or emb.shape != ref_emb.shape:
         raise ExportError(f"ONNX outputs of shapes {genre.shape} and {emb.shape}; Keras gives {original.shape} and {ref_emb.shape}")
