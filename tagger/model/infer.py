@@ -168,7 +168,13 @@ class Classifier:
         first = next(it, None)
         if first is None:  # nothing to do: start no workers (a no-change re-scan)
             return
-        it = itertools.chain([first], it)
+        second = next(it, None)
+        if second is None and self._pool is None:
+            # One file and no pool yet (``tagger scan FILE``): starting a worker process
+            # would cost more than the decoding it takes over.
+            yield decode_file(str(first), self.max_windows)
+            return
+        it = itertools.chain([first] if second is None else [first, second], it)
         pool = self._executor()
         if pool is None:
             for p in it:

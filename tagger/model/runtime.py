@@ -25,6 +25,11 @@ INPUT = "levels"
 OUTPUTS = ("genre", "embedding")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+#: Windows per ONNX Runtime call on the CPU. The session's memory grows with the batch
+#: it runs (about 8 MB a window for the shipped DenseNet: 64 windows took 560 MB) while
+#: windows per second do not (``benchmarks/model_throughput.py``), so a batch of the
+#: classifier is run in slices of this many. On a GPU it runs whole.
+CPU_CHUNK = 8
 
 
 class RuntimeLoadError(Exception):
@@ -55,7 +60,7 @@ def _gpu_package_hidden(available: list[str]) -> str | None:
 class OnnxModel:
     """One inference session; CUDA when ONNX Runtime has it (``gpu`` extra), else the CPU."""
 
-    def __init__(self, path: str | Path, *, providers: list[str] | None = None):
+    def __init__(self, path: str | Path, *, providers: list[str] | None = None, chunk: int | None = None, arena: bool = True):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -70,6 +75,7 @@ class OnnxModel:
             with contextlib.suppress(Exception):
                 ort.preload_dlls()
         so = ort.SessionOptions()
+        so.enable_cpu_mem_arena = arena
         so.log_severity_level = 3  # errors only: its warnings are about graph details, not ours
         # The decode workers need the cores while the model waits for windows: threads that
         # spin between batches would take CPU from them.
@@ -83,6 +89,8 @@ class OnnxModel:
                 self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=[CPU])
             else:
                 raise RuntimeLoadError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+        on_gpu = self.session.get_providers()[0] == CUDA
+        self.chunk = chunk if chunk else (None if on_gpu else CPU_CHUNK)
         names = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         if names != [INPUT] or outputs[: len(OUTPUTS)] != list(OUTPUTS):
@@ -99,5 +107,13 @@ class OnnxModel:
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Genre probabilities and embeddings for a batch of uint8 windows (any batch size)."""
-        genre, embedding = self.session.run(list(OUTPUTS), {INPUT: np.ascontiguousarray(x, dtype=np.uint8)})
-        return np.asarray(genre, dtype=np.float32), np.asarray(embedding, dtype=np.float32)
+        x = np.ascontiguousarray(x, dtype=np.uint8)
+        step = self.chunk or max(1, len(x))
+        genres, embeddings = [], []
+        for i in range(0, max(1, len(x)), step):
+            g, e = self.session.run(list(OUTPUTS), {INPUT: x[i : i + step]})
+            genres.append(np.asarray(g, dtype=np.float32))
+            embeddings.append(np.asarray(e, dtype=np.float32))
+        if len(genres) == 1:
+            return genres[0], embeddings[0]
+        return np.concatenate(genres), np.concatenate(embeddings)
