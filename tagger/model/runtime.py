@@ -25,11 +25,12 @@ INPUT = "levels"
 OUTPUTS = ("genre", "embedding")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-#: Windows per ONNX Runtime call on the CPU. The session's memory grows with the batch
-#: it runs (about 8 MB a window for the shipped DenseNet: 64 windows took 560 MB) while
-#: windows per second do not (``benchmarks/model_throughput.py``), so a batch of the
-#: classifier is run in slices of this many. On a GPU it runs whole.
-CPU_CHUNK = 8
+#: Windows per ONNX Runtime call on the CPU. The session keeps memory for the largest
+#: batch it has run (about 8 MB a window for the shipped DenseNet: 64 windows held
+#: 560 MB, 4 windows 75 MB) while windows per second do not grow with it
+#: (``benchmarks/model_throughput.py``), so a batch of the classifier runs in slices of
+#: this many. On a GPU it runs whole.
+CPU_CHUNK = 4
 
 
 class RuntimeLoadError(Exception):
