@@ -1,9 +1,10 @@
 """Disk taken by ``pip install .``: a fresh virtual environment, then what is in it.
 
-    python benchmarks/install_size.py [--extras train] [--keep DIR]
+    python benchmarks/install_size.py [--extras train] [--source CHECKOUT] [--keep DIR]
 
 Makes a venv in a temporary folder with the Python running this script, installs this
-checkout (not editable) with ``pip install .`` (or ``.[EXTRAS]``), and prints the venv's
+checkout (or ``--source``, e.g. an older commit's files) with ``pip install .`` (or
+``.[EXTRAS]``; not editable), and prints the venv's
 size on disk (allocated blocks, hard links counted once) and the largest installed
 distributions. Prints figures; nothing is asserted. Uses pip's cache when it has one.
 """
@@ -60,10 +61,11 @@ def main() -> None:
     ap.add_argument("--extras", default="", help="extras to install too, e.g. train or gpu")
     ap.add_argument("--keep", default=None, help="make the venv here and keep it")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--source", default=str(ROOT), help="the checkout to install (default: this one)")
     args = ap.parse_args()
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="tagger-install-"))
     venv = base / "venv"
-    spec = f"{ROOT}[{args.extras}]" if args.extras else str(ROOT)
+    spec = f"{args.source}[{args.extras}]" if args.extras else args.source
     try:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         empty = disk_usage(venv)
