@@ -107,7 +107,7 @@ def main() -> int:
     from tagger.model.bundle import default_bundle_dir
 
     model = Path(args.model).absolute() if args.model else default_bundle_dir()
-    if not (model / "model.keras").is_file():
+    if not (model / "model.onnx").is_file():
         print(f"no model bundle at {model}: pass --model PATH", file=sys.stderr)
         return 2
     defaults = DaemonConfig()

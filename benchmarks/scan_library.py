@@ -2,9 +2,10 @@
 
     python benchmarks/scan_library.py [--tracks 200] [--model BUNDLE] [--big 100000] [--windows N] [--workers N]
 
-Each scan runs the real CLI in a child process (``/usr/bin/time``-style peak RSS
-from ``resource.getrusage(RUSAGE_CHILDREN)``, which covers the decode workers).
-Prints figures; nothing is asserted.
+Each scan runs the real CLI in a child process. Memory: the largest process's peak RSS
+(``wait4``'s ``ru_maxrss`` of the scan, which covers the decode workers it waited for)
+and the peak of all its processes together (RSS and PSS sums, sampled every 0.25 s from
+/proc by ``_procs.Sampler``). Prints figures; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sqlite3
 import subprocess
 import sys
@@ -22,20 +22,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _library import four_minute_mp3s  # noqa: E402
+from _procs import Sampler  # noqa: E402
 
 
-def run_scan(config: Path, root: Path, *extra: str) -> tuple[dict, float, float]:
-    """One scan in a fresh process: (summary, wall seconds, peak RSS of it and its children in MB)."""
-    t = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "tagger.cli", "--config", str(config), "scan", "--json", str(root), *extra],
-        capture_output=True, text=True,
-    )
-    wall = time.perf_counter() - t
-    if proc.returncode not in (0, 1):
-        raise SystemExit(f"scan failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return json.loads(proc.stdout), wall, peak
+def run_scan(config: Path, root: Path, *extra: str) -> tuple[dict, float, float, Sampler]:
+    """One scan in a fresh process: (summary, wall seconds, largest process's peak RSS in MB, sampler)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tagger.cli", "--config", str(config), "scan", "--json", str(root), *extra], stdout=out, stderr=err, text=True
+        )
+        sampler = Sampler(proc.pid)
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)  # this scan's own rusage (Popen never reaped it)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t
+        sampler.stop()
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode not in (0, 1):
+            raise SystemExit(f"scan failed ({proc.returncode}): {err.read()[-2000:]}")
+        return json.loads(out.read()), wall, usage.ru_maxrss / 1024, sampler
 
 
 def main() -> None:
@@ -79,13 +86,15 @@ def main() -> None:
 
 def library_scans(config: Path, lib: Path, files: list[Path]) -> tuple[float, float]:
     print(f"{os.cpu_count()} CPUs; library: {len(files)} four-minute MP3s (192 kb/s) under {lib}")
-    s, wall, rss = run_scan(config, lib)
+    s, wall, rss, sampler = run_scan(config, lib)
     n = sum(v for k, v in s["counts"].items() if k != "unchanged")
     print(f"first scan:     {n} tracks in {wall:.1f}s wall = {n / wall:.2f} tracks/s "
-          f"(scan's own rate {s['tracks_per_second']}/s), peak RSS {rss:.0f} MB; counts {s['counts']}")
-    s, wall, rss2 = run_scan(config, lib)
+          f"(scan's own rate {s['tracks_per_second']}/s); largest process's peak RSS {rss:.0f} MB, "
+          f"all {sampler.max_processes} processes together: peak RSS {sampler.peak_rss_sum:.0f} MB, PSS {sampler.peak_pss_sum:.0f} MB; "
+          f"counts {s['counts']}")
+    s, wall, rss2, _ = run_scan(config, lib)
     print(f"no-change scan: {s['counts']['unchanged']} unchanged in {wall:.2f}s wall "
-          f"(scan's own {s['seconds']}s), peak RSS {max(rss, rss2):.0f} MB so far")
+          f"(scan's own {s['seconds']}s), peak RSS {rss2:.0f} MB")
     return rss, rss2
 
 
@@ -123,9 +132,9 @@ def big_scan(args, work: Path, files: list[Path], rss: float, rss2: float) -> No
         )
         con.commit()
         con.close()
-        s, wall, rss3 = run_scan(big_cfg, big)
+        s, wall, rss3, _ = run_scan(big_cfg, big)
         print(f"no-change re-scan of {s['counts']['unchanged']} files already in the database: "
-              f"{s['seconds']:.2f}s inside scan, {wall:.2f}s wall including start-up; peak RSS {max(rss, rss2, rss3):.0f} MB")
+              f"{s['seconds']:.2f}s inside scan, {wall:.2f}s wall including start-up; peak RSS {rss3:.0f} MB")
 
 
 if __name__ == "__main__":

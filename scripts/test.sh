@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Set up a fresh machine and run the test suite: a virtual environment in .venv with
-# tagger and its test tools, then pytest. ffmpeg (Debian package) is needed by the
+# tagger, its test tools and the train extra (Keras/TensorFlow: the tests train tiny
+# models and check the ONNX export against Keras), then pytest. ffmpeg (Debian package) is needed by the
 # tests that convert audio; they skip without it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q '.[test]'
+.venv/bin/python -m pip install -q '.[test,train]'
 .venv/bin/python -m pytest "$@"

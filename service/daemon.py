@@ -208,13 +208,7 @@ class Daemon:
             if pool is not None:
                 for _ in range(clf.workers):
                     pool.submit(warm_up)
-        try:
-            import tensorflow as tf
-
-            gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
-        except Exception:  # another Keras backend, or no TensorFlow device API
-            gpus = []
-        where = f"GPU ({', '.join(gpus)})" if gpus else "CPU"
+        where = clf.device
         log.info("model %s (%s): %d genres, on %s, %d decode workers, batches of %d windows", bundle.name, bundle.sha256[:12], len(bundle.labels), where, clf.workers, clf.batch_size)
         return Library(self.db, clf, Options.from_config(cfg))
 

@@ -102,6 +102,7 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
     """Train a genre model on DATA (PNG layout or <genre>/ audio folders)."""
     import numpy as np
 
+    _need_train_extra("training")
     from .dataset import list_items, read_split
     from .model.train import TrainConfig, run_training
 
@@ -179,6 +180,36 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
     click.echo(f"saved {bundle.path} (sha256 {bundle.sha256[:12]})")
     if "valid" in metrics:
         click.echo(f"valid accuracy {metrics['valid']['accuracy']:.2%} on {metrics['valid']['n']} clips")
+
+
+def _need_train_extra(what: str) -> None:
+    """Training and export need Keras/TensorFlow, which a plain install leaves out."""
+    import importlib.util
+
+    missing = [m for m in ("keras", "tensorflow", "tf2onnx") if importlib.util.find_spec(m) is None]
+    if missing:
+        fail(f"{what} needs the train extra ({', '.join(missing)} not installed): pip install 'tagger[train]' (from a checkout: pip install '.[train]')")
+
+
+@main.command("export")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False), required=False)
+def export_cmd(bundle) -> None:
+    """Write BUNDLE's model.onnx from its model.keras (default: the shipped model), checked against Keras."""
+    _need_train_extra("export")
+    from .model.bundle import BundleError, default_bundle_dir
+    from .model.export import export_bundle
+
+    path = Path(bundle) if bundle else default_bundle_dir()
+    try:
+        info = export_bundle(path)
+    except BundleError as exc:
+        fail(str(exc))
+    check = info["check"]
+    click.echo(
+        f"wrote {path / info['file']} (opset {info['opset']}, embedding {info['outputs']['embedding']}); "
+        f"largest difference from Keras on {check['windows']} windows: probabilities {check['max_abs_diff_genre']:.1e}, "
+        f"embedding {check['max_abs_diff_embedding']:.1e}"
+    )
 
 
 def _load_ids(data, ids, cache, what, labels=None):

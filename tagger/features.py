@@ -76,16 +76,22 @@ _MEL_BASIS: np.ndarray | None = None
 
 
 def mel_basis() -> np.ndarray:
-    """librosa's mel filter bank (Slaney scale and norm, fmax = sr/2), made once.
+    """librosa's mel filter bank (Slaney scale and norm, fmax = sr/2), loaded once.
 
-    librosa is the reference for the filters; importing it costs a decode worker
-    about a second, so ``set_mel_basis`` lets a pool hand workers the parent's copy.
+    ``mel_basis.npz`` beside this module holds ``librosa.filters.mel`` for these
+    constants (``tests/test_features.py`` holds it to librosa's): importing librosa
+    to make it took 1.5 s and 70 MB of numba in every process that scans.
+    ``set_mel_basis`` lets a pool hand workers the parent's copy. Made (again, if a
+    constant changes) by ``np.savez_compressed("tagger/mel_basis.npz", mel_basis=
+    librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS).astype(np.float32))``.
     """
     global _MEL_BASIS
     if _MEL_BASIS is None:
-        import librosa
+        from importlib import resources
 
-        _MEL_BASIS = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS).astype(np.float32)
+        with resources.files("tagger").joinpath("mel_basis.npz").open("rb") as f, np.load(f) as z:
+            set_mel_basis(z["mel_basis"])
+    assert _MEL_BASIS is not None
     return _MEL_BASIS
 
 

@@ -100,6 +100,14 @@ def test_mel_db_is_librosas():
         assert np.abs(got - ref).max() < 0.01  # dB; one colour level is 80/255 = 0.31 dB
 
 
+def test_shipped_mel_basis_is_librosas():
+    """``mel_basis.npz`` is what librosa makes for this representation (regenerate it if not)."""
+    import librosa
+
+    ref = librosa.filters.mel(sr=features.SAMPLE_RATE, n_fft=features.N_FFT, n_mels=features.N_MELS)
+    np.testing.assert_allclose(features.mel_basis(), ref, rtol=1e-6, atol=1e-9)
+
+
 def test_mel_basis_can_be_handed_over():
     basis = features.mel_basis()
     features.set_mel_basis(basis.copy())

@@ -80,7 +80,7 @@ def test_train_and_evaluate_end_to_end(png_data, tmp_path):
         "--epochs", "12", "--crop", "96", "--batch-size", "6", "--learning-rate", "0.005", "--mixup", "0", "--no-masks",
         "--arch", json.dumps(TINY_ARCH), "--out", str(out),
     )
-    for name in ("model.keras", "bundle.json", "curves.png", "confusion.png"):
+    for name in ("model.keras", "model.onnx", "bundle.json", "curves.png", "confusion.png"):
         assert (out / name).is_file(), name
     meta = json.loads((out / "bundle.json").read_text())
     assert meta["labels"] == GENRES
@@ -140,9 +140,16 @@ def test_bundle_round_trip_and_refusals(tiny_bundle, tmp_path):
         load_bundle(bad)
     with pytest.raises(BundleError, match="not a model bundle"):
         load_bundle(tmp_path / "nothing-here")
-    (bad / "bundle.json").write_text(json.dumps({**meta, "representation": features.representation_params()}))
-    (bad / "model.keras").write_bytes(b"not a zip")
-    with pytest.raises(BundleError, match="cannot load"):
+    meta["representation"] = features.representation_params()
+    (bad / "bundle.json").write_text(json.dumps(meta))
+    assert load_bundle(bad).sha256 == b.sha256
+    (bad / "model.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(BundleError, match="not the file bundle.json records"):
+        load_bundle(bad)
+    # without the record (nor model.keras) the file is taken as it is, and fails to load
+    (bad / "model.keras").unlink()
+    (bad / "bundle.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "onnx"}))
+    with pytest.raises(BundleError, match="cannot load model.onnx"):
         _ = load_bundle(bad).model
 
 

@@ -1,9 +1,18 @@
-"""A model bundle: the ``.keras`` file plus what is needed to trust it.
+"""A model bundle: ``model.onnx`` (run time), ``model.keras`` (training) and what is needed to trust them.
 
 ``bundle.json`` records the genre labels, the representation parameters (with
-their version), a summary of the training data, metrics and the date. A bundle
-whose representation differs from this code's is refused: it would be fed
-windows unlike the ones it learned from and answer confidently wrong.
+their version), a summary of the training data, metrics, the date and, under
+``onnx``, the export of ``model.keras`` to ``model.onnx`` (which file it was made
+from, how far its outputs were from Keras). A bundle whose representation differs
+from this code's is refused: it would be fed windows unlike the ones it learned
+from and answer confidently wrong. So is a ``model.onnx`` that was not exported
+from the ``model.keras`` beside it (retrained, not re-exported: ``tagger export``).
+
+The bundle's identity (``sha256``, the model's key in the database and the id in
+the tags tagger writes) is the sha256 of ``model.keras``, the trained weights: it
+does not change when the same weights are exported again. A bundle that ships only
+``model.onnx`` keeps the identity recorded at export, else takes the sha256 of
+``model.onnx``.
 """
 
 from __future__ import annotations
@@ -16,14 +25,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .. import features, quiet
+from .. import features
 
 MODEL_FILE = "model.keras"
+ONNX_FILE = "model.onnx"
 META_FILE = "bundle.json"
 
 
 class BundleError(Exception):
-    """The bundle is missing, unreadable or made for another representation."""
+    """The bundle is missing, unreadable, stale or made for another representation."""
 
 
 def default_bundle_dir() -> Path:
@@ -45,18 +55,24 @@ class Bundle:
 
     @property
     def model(self):
-        """The Keras model, loaded on first use (keeps ``tagger query`` free of TensorFlow)."""
-        if self._model is None:
-            quiet.load_backend()
-            import keras
+        """The ONNX Runtime session (:class:`~tagger.model.runtime.OnnxModel`), made on first use.
 
-            from . import densenet  # noqa: F401  (registers the custom layer)
+        Lazy, so that ``tagger query`` and friends load no runtime at all.
+        """
+        if self._model is None:
+            from .runtime import OnnxModel, RuntimeLoadError
 
             try:
-                self._model = keras.saving.load_model(self.path / MODEL_FILE, compile=False)
-            except Exception as exc:  # keras raises many types for a bad file
-                raise BundleError(f"{self.path}: cannot load {MODEL_FILE}: {str(exc).splitlines()[0]}") from exc
+                self._model = OnnxModel(self.path / ONNX_FILE)
+            except RuntimeLoadError as exc:
+                raise BundleError(f"{self.path}: cannot load {ONNX_FILE}: {exc}") from exc
         return self._model
+
+    def keras_model(self):
+        """The Keras model (training side: needs the ``train`` extra)."""
+        from .export import load_keras
+
+        return load_keras(self.path)
 
 
 def file_sha256(path: Path) -> str:
@@ -80,14 +96,11 @@ def check_representation(recorded: dict[str, Any]) -> None:
         raise BundleError("model's representation differs from this tagger's: " + ", ".join(diffs))
 
 
-def load_bundle(path: str | Path | None = None) -> Bundle:
-    """Read and check a bundle; the Keras model itself loads lazily."""
-    path = Path(path) if path else default_bundle_dir()
-    if path.is_file() and path.name == META_FILE:
-        path = path.parent
+def read_meta(path: Path) -> dict[str, Any]:
+    """``bundle.json``, checked: readable, this representation, genre labels."""
     meta_path = path / META_FILE
-    if not meta_path.is_file() or not (path / MODEL_FILE).is_file():
-        raise BundleError(f"{path}: not a model bundle (needs {MODEL_FILE} and {META_FILE})")
+    if not meta_path.is_file():
+        raise BundleError(f"{path}: not a model bundle (no {META_FILE})")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as exc:
@@ -96,7 +109,31 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
     labels = meta.get("labels")
     if not isinstance(labels, list) or not labels:
         raise BundleError(f"{meta_path}: no genre labels")
-    return Bundle(path, [str(x) for x in labels], meta, file_sha256(path / MODEL_FILE))
+    return meta
+
+
+def load_bundle(path: str | Path | None = None) -> Bundle:
+    """Read and check a bundle; the ONNX Runtime session itself is made lazily."""
+    path = Path(path) if path else default_bundle_dir()
+    if path.is_file() and path.name == META_FILE:
+        path = path.parent
+    onnx_file, keras_file = path / ONNX_FILE, path / MODEL_FILE
+    if not onnx_file.is_file():
+        if keras_file.is_file() and (path / META_FILE).is_file():
+            raise BundleError(f"{path}: no {ONNX_FILE} beside {MODEL_FILE}: run `tagger export {path}` (needs the train extra)")
+        raise BundleError(f"{path}: not a model bundle (needs {ONNX_FILE} and {META_FILE})")
+    meta = read_meta(path)
+    record = meta.get("onnx") or {}
+    onnx_sha = file_sha256(onnx_file)
+    if record.get("sha256") and record["sha256"] != onnx_sha:
+        raise BundleError(f"{path}: {ONNX_FILE} is not the file {META_FILE} records: run `tagger export {path}`")
+    if keras_file.is_file():
+        identity = file_sha256(keras_file)
+        if record.get("keras_sha256") != identity:
+            raise BundleError(f"{path}: {ONNX_FILE} was not exported from this {MODEL_FILE}: run `tagger export {path}`")
+    else:
+        identity = record.get("keras_sha256") or onnx_sha
+    return Bundle(path, [str(x) for x in meta["labels"]], meta, identity)
 
 
 def save_bundle(
@@ -109,7 +146,12 @@ def save_bundle(
     metrics: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> Bundle:
-    """Write ``model.keras`` and ``bundle.json`` (atomically enough: model first, metadata last)."""
+    """Write ``model.keras``, ``bundle.json`` and the checked export ``model.onnx``.
+
+    Model first, metadata last; the export then adds ``model.onnx`` and its record, and
+    a bundle is loadable only once both are there (a crash in between leaves a bundle
+    that ``tagger export`` completes).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{MODEL_FILE}.tmp.keras"
@@ -125,4 +167,7 @@ def save_bundle(
         **(extra or {}),
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    from .export import export_bundle
+
+    export_bundle(out, model=model)
     return load_bundle(out)

@@ -2,8 +2,9 @@
 
 Decoding is the slow, parallel part and the model wants full batches, so worker
 processes decode files into windows while the main process packs windows from
-any number of files into fixed-size batches. Queues are bounded (a few files in
-flight per worker), so memory stays flat however many files are classified.
+any number of files into fixed-size batches (the model is ``model.onnx`` in ONNX
+Runtime: :mod:`tagger.model.runtime`). Queues are bounded (a few files in flight
+per worker), so memory stays flat however many files are classified.
 """
 
 from __future__ import annotations
@@ -40,7 +41,12 @@ class Decoded:
 
 @dataclass
 class Classification:
-    """Per-track result: every genre's probability (mean over windows), or an error."""
+    """Per-track result: every genre's probability (mean over windows), or an error.
+
+    ``embedding`` is the mean over the track's windows of the model's ``embedding``
+    output (float32, the pooled features its genre head sees): what the library
+    learns and compares tracks by. ``None`` for a track that failed.
+    """
 
     path: str
     probabilities: dict[str, float] = field(default_factory=dict)
@@ -48,6 +54,7 @@ class Classification:
     duration: float | None = None
     codec: str | None = None
     error: str | None = None
+    embedding: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -112,7 +119,7 @@ class Classifier:
         if self.workers <= 0:
             return None
         if self._pool is None:
-            # forkserver: never fork a process that has a TensorFlow runtime in it.
+            # forkserver: never fork a process that has a model runtime's threads in it.
             ctx = mp.get_context("forkserver")
             # The fork server and its workers die with this process, even after kill -9.
             ctx.set_forkserver_preload(lifeline.forkserver_preload())
@@ -132,18 +139,30 @@ class Classifier:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def predict_windows(self, x: np.ndarray) -> np.ndarray:
-        """Window probabilities, always called with full ``batch_size`` batches (padded)."""
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Window probabilities and embeddings, in batches of at most ``batch_size``.
+
+        ONNX Runtime takes any batch size, so a last, partial batch runs as it is
+        (padding it was only needed to keep TensorFlow from tracing a new graph).
+        """
         model = self.bundle.model
-        out = []
+        probs, embs = [], []
         for i in range(0, len(x), self.batch_size):
-            chunk = x[i : i + self.batch_size]
-            n = len(chunk)
-            if n < self.batch_size:
-                pad = np.zeros((self.batch_size - n, *chunk.shape[1:]), dtype=chunk.dtype)
-                chunk = np.concatenate([chunk, pad])
-            out.append(np.asarray(model.predict_on_batch(chunk))[:n])
-        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+            p, e = model.run(x[i : i + self.batch_size])
+            probs.append(p)
+            embs.append(e)
+        if not probs:
+            return np.zeros((0, len(self.labels)), dtype=np.float32), np.zeros((0, 0), dtype=np.float32)
+        return np.concatenate(probs), np.concatenate(embs)
+
+    def predict_windows(self, x: np.ndarray) -> np.ndarray:
+        """Window probabilities (see :meth:`predict`)."""
+        return self.predict(x)[0]
+
+    @property
+    def device(self) -> str:
+        """Where the model runs (``CPU`` or ``GPU (CUDA)``); loads it."""
+        return self.bundle.model.device
 
     def decoded(self, paths: Iterable[str | Path]) -> Iterator[Decoded]:
         """Decode in worker processes, at most a few files ahead of the consumer."""
@@ -151,7 +170,13 @@ class Classifier:
         first = next(it, None)
         if first is None:  # nothing to do: start no workers (a no-change re-scan)
             return
-        it = itertools.chain([first], it)
+        second = next(it, None)
+        if second is None and self._pool is None:
+            # One file and no pool yet (``tagger scan FILE``): starting a worker process
+            # would cost more than the decoding it takes over.
+            yield decode_file(str(first), self.max_windows)
+            return
+        it = itertools.chain([first] if second is None else [first, second], it)
         pool = self._executor()
         if pool is None:
             for p in it:
@@ -176,15 +201,18 @@ class Classifier:
 
     def classify(self, paths: Iterable[str | Path]) -> Iterator[Classification]:
         """Results in input order; windows of many files share each full model batch."""
-        files: deque[Decoded] = deque()  # decoded, waiting for their windows' probabilities
+        files: deque[Decoded] = deque()  # decoded, waiting for their windows' outputs
         todo = np.zeros((0, features.N_MELS, features.N_COLUMNS), dtype=np.uint8)  # not yet predicted
-        done = np.zeros((0, len(self.labels)), dtype=np.float32)  # predicted, not yet handed out
+        done: np.ndarray | None = None  # probabilities predicted, not yet handed out
+        done_emb: np.ndarray | None = None  # and their embeddings
 
         def ready(final: bool) -> Iterator[Classification]:
-            nonlocal todo, done
+            nonlocal todo, done, done_emb
             while len(todo) >= self.batch_size or (final and len(todo)):
                 n = min(self.batch_size, len(todo))
-                done = np.concatenate([done, self.predict_windows(todo[:n])])
+                p, e = self.predict(todo[:n])
+                done = p if done is None else np.concatenate([done, p])
+                done_emb = e if done_emb is None else np.concatenate([done_emb, e])
                 todo = todo[n:]
             while files:
                 d = files[0]
@@ -193,13 +221,14 @@ class Classifier:
                     yield Classification(d.path, error=d.error or "no windows")
                     continue
                 n = len(d.windows)
-                if n > len(done):
+                if done is None or done_emb is None or n > len(done):
                     return
                 files.popleft()
                 p = done[:n].mean(axis=0)
-                done = done[n:]
+                emb = done_emb[:n].mean(axis=0, dtype=np.float32)
+                done, done_emb = done[n:], done_emb[n:]
                 probs = {g: float(v) for g, v in zip(self.labels, p, strict=True)}
-                yield Classification(d.path, probs, n, d.duration, d.codec)
+                yield Classification(d.path, probs, n, d.duration, d.codec, embedding=emb)
 
         for d in self.decoded(paths):
             files.append(d)
