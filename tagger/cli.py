@@ -153,7 +153,8 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
         if row.get("finished"):
             click.echo(f"member {row['member']} finished", err=True)
             return
-        val = f"  valid {row['val_accuracy']:.1%} (best {row['best']:.1%})" if "val_accuracy" in row else ""
+        best = f" (best {row['best']:.1%})" if row.get("best", -1) >= 0 else ""
+        val = f"  valid {row['val_accuracy']:.1%}{best}" if "val_accuracy" in row else ""
         click.echo(f"member {row['member']} epoch {row['epoch']:>3}/{row['epochs']}  loss {row['loss']:.3f}  lr {row['lr']:.2e}{val}  {row['seconds']:.1f}s", err=True)
 
     summary = {"source": str(root.resolve()), "train": tr.summary(), "valid": va.summary() if va else None}

@@ -118,9 +118,11 @@ def plot_curves(histories: list[list[dict]], path: str | Path) -> None:
     for i, h in enumerate(histories):
         ep = [r["epoch"] for r in h]
         a1.plot(ep, [r["loss"] for r in h], label=f"member {i} train")
-        if h and "val_loss" in h[0]:
-            a1.plot(ep, [r["val_loss"] for r in h], "--", label=f"member {i} valid")
-            a2.plot(ep, [r["val_accuracy"] for r in h], label=f"member {i}")
+        watched = [r for r in h if "val_loss" in r]  # every epoch, or every few (--select last)
+        if watched:
+            vep = [r["epoch"] for r in watched]
+            a1.plot(vep, [r["val_loss"] for r in watched], "--", label=f"member {i} valid")
+            a2.plot(vep, [r["val_accuracy"] for r in watched], label=f"member {i}")
     a1.set_xlabel("epoch")
     a1.set_ylabel("loss")
     a1.legend(fontsize=7)

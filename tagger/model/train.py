@@ -204,7 +204,9 @@ def train_member(
             losses.append(float(model.train_on_batch(xb, yb)))
             ema.update()
         row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": float(optimizer.learning_rate.numpy()), "seconds": 0.0}
-        if valid is not None:
+        # With fixed epochs valid is only watched: every few epochs is enough for the curves.
+        watch = cfg.select == "best" or (epoch + 1) % 5 == 0 or epoch + 1 == cfg.epochs
+        if valid is not None and watch:
             ema.swap()
             saved_bn = _bn_state(model)
             recalibrate_bn(model, train.x, cfg, rng, batches=8)
