@@ -31,7 +31,7 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "NO_COLOR": "1", "PYTHONUNBUFF
 ENV.pop("TAGGER_CONFIG", None)
 TOLERANCE = 1e-4  # the issue's bound on |Δp|
 #: What the run-time commands must not load (training stack, converter, librosa's numba).
-FORBIDDEN = ("tensorflow", "keras", "tf2onnx", "onnx", "librosa", "numba", "llvmlite")
+FORBIDDEN = ("tensorflow", "keras", "tf2onnx", "onnx", "librosa", "numba", "llvmlite", "musicnn")
 
 
 def needs_keras():

@@ -265,6 +265,7 @@ def run_branch_training(
     model = build_branch_model(load_musicnn(), head, cfg, len(train.labels), densenet)
     seconds = time.time() - t0
     metrics: dict = {}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     if valid is not None:
         say(f"evaluating on {len(valid.x)} validation windows")
         probs = np.concatenate([np.asarray(model.predict_on_batch(valid.x[i : i + 16])[0]) for i in range(0, len(valid.x), 16)])
