@@ -96,7 +96,7 @@ def main(ctx: click.Context, config_file: str | None, verbose: int) -> None:
 @click.option("--densenet-weight", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="With --densenet: its weight in the log-linear pool of the two branches.")
 @click.option("--patches", type=click.IntRange(1, 10), default=None, help="With --teacher: 3-second patches of each window the teacher hears (default 5; speed knob).")
 @click.option("--embedding-dim", type=click.IntRange(2), default=None, help="With --teacher: principal components kept as the embedding (default 256).")
-@click.option("--head-c", type=float, default=None, help="With --teacher: inverse L2 strength of the logistic-regression head (default 0.05).")
+@click.option("--head-c", type=float, default=None, help="With --teacher: inverse L2 strength of the logistic-regression head (default 0.02).")
 @pass_ctx
 def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, members, crop, batch_size, learning_rate, patience, seed, select, arch_json, out_dir, cache_dir, name, jobs, mixup, masks, teacher, densenet_bundle, densenet_weight, patches, embedding_dim, head_c) -> None:
     """Train a genre model on DATA (PNG layout or <genre>/ audio folders)."""

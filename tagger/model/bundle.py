@@ -63,7 +63,7 @@ class Bundle:
             from .runtime import OnnxModel, RuntimeLoadError
 
             try:
-                self._model = OnnxModel(self.path / ONNX_FILE)
+                self._model = OnnxModel(self.path / ONNX_FILE, cpu_chunk=self.meta.get("runtime", {}).get("cpu_chunk"))
             except RuntimeLoadError as exc:
                 raise BundleError(f"{self.path}: cannot load {ONNX_FILE}: {exc}") from exc
         return self._model

@@ -61,7 +61,9 @@ def _gpu_package_hidden(available: list[str]) -> str | None:
 class OnnxModel:
     """One inference session; CUDA when ONNX Runtime has it (``gpu`` extra), else the CPU."""
 
-    def __init__(self, path: str | Path, *, providers: list[str] | None = None, chunk: int | None = None, arena: bool = True):
+    def __init__(
+        self, path: str | Path, *, providers: list[str] | None = None, chunk: int | None = None, cpu_chunk: int | None = None, arena: bool = True
+    ):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -91,7 +93,8 @@ class OnnxModel:
             else:
                 raise RuntimeLoadError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
         on_gpu = self.session.get_providers()[0] == CUDA
-        self.chunk = chunk if chunk else (None if on_gpu else CPU_CHUNK)
+        # ``cpu_chunk``: the bundle's own slice for the CPU (a large model holds more per window)
+        self.chunk = chunk if chunk else (None if on_gpu else (cpu_chunk or CPU_CHUNK))
         names = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         if names != [INPUT] or outputs[: len(OUTPUTS)] != list(OUTPUTS):

@@ -40,7 +40,7 @@ class HeadConfig:
 
     patches: int = 5
     embedding_dim: int = 256
-    c: float = 0.05
+    c: float = 0.02
     densenet_weight: float = 0.0
     log10_gain: float = br.DEFAULT_LOG10_GAIN
     extra: dict = field(default_factory=dict)
@@ -261,7 +261,7 @@ def run_branch_training(
         db = load_bundle(densenet_bundle)
         if db.labels != list(train.labels):
             raise ValueError(f"{densenet_bundle}: its labels {db.labels} differ from the data's {train.labels}")
-        densenet = db.model
+        densenet = db.keras_model()
     model = build_branch_model(load_musicnn(), head, cfg, len(train.labels), densenet)
     seconds = time.time() - t0
     metrics: dict = {}
@@ -284,5 +284,7 @@ def run_branch_training(
         "seconds": round(seconds, 1),
         "parameters": int(model.count_params()),
     }
-    bundle = save_bundle(out_dir, model, train.labels, name=name, training=training, metrics=metrics, extra={"embedding_dim": int(head.components.shape[0])})
+    # On the CPU one window (``patches`` teacher patches) per ONNX Runtime call: the
+    # session keeps memory for its largest call, about 300 MB a window here.
+    bundle = save_bundle(out_dir, model, train.labels, name=name, training=training, metrics=metrics, extra={"embedding_dim": int(head.components.shape[0]), "runtime": {"cpu_chunk": 1}})
     return bundle, metrics
