@@ -40,7 +40,12 @@ class Decoded:
 
 @dataclass
 class Classification:
-    """Per-track result: every genre's probability (mean over windows), or an error."""
+    """Per-track result: every genre's probability (mean over windows), or an error.
+
+    ``embedding`` is the model's pooled features before its genre layer, averaged over
+    the track's windows (float32; None when the model has no such output): what
+    ``tagger learn`` and ``tagger similar`` work on.
+    """
 
     path: str
     probabilities: dict[str, float] = field(default_factory=dict)
@@ -48,6 +53,7 @@ class Classification:
     duration: float | None = None
     codec: str | None = None
     error: str | None = None
+    embedding: np.ndarray | None = None
 
     @property
     def ok(self) -> bool:
@@ -103,6 +109,7 @@ class Classifier:
         self.max_windows = int(max_windows)
         self.workers = workers if workers is not None else max(1, os.cpu_count() or 1)
         self._pool: ProcessPoolExecutor | None = None
+        self._dual = None  # the model with a second output, its embedding (built on first use)
 
     @property
     def labels(self) -> list[str]:
@@ -132,16 +139,30 @@ class Classifier:
 
     def predict_windows(self, x: np.ndarray) -> np.ndarray:
         """Window probabilities, always called with full ``batch_size`` batches (padded)."""
-        model = self.bundle.model
-        out = []
+        return self.predict_with_embeddings(x)[0]
+
+    def predict_with_embeddings(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Window probabilities and window embeddings (None if the model has none)."""
+        if self._dual is None:
+            self._dual = _with_embedding(self.bundle.model) or False
+        model = self._dual or self.bundle.model
+        out, emb = [], []
         for i in range(0, len(x), self.batch_size):
             chunk = x[i : i + self.batch_size]
             n = len(chunk)
             if n < self.batch_size:
                 pad = np.zeros((self.batch_size - n, *chunk.shape[1:]), dtype=chunk.dtype)
                 chunk = np.concatenate([chunk, pad])
-            out.append(np.asarray(model.predict_on_batch(chunk))[:n])
-        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+            y = model.predict_on_batch(chunk)
+            if self._dual:
+                out.append(np.asarray(y[0])[:n])
+                emb.append(np.asarray(y[1], dtype=np.float32)[:n])
+            else:
+                out.append(np.asarray(y)[:n])
+        probs = np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+        if not self._dual:
+            return probs, None
+        return probs, np.concatenate(emb) if emb else None
 
     def decoded(self, paths: Iterable[str | Path]) -> Iterator[Decoded]:
         """Decode in worker processes, at most a few files ahead of the consumer."""
@@ -177,12 +198,16 @@ class Classifier:
         files: deque[Decoded] = deque()  # decoded, waiting for their windows' probabilities
         todo = np.zeros((0, features.N_MELS, features.N_COLUMNS), dtype=np.uint8)  # not yet predicted
         done = np.zeros((0, len(self.labels)), dtype=np.float32)  # predicted, not yet handed out
+        done_emb: np.ndarray | None = None  # their embeddings, row for row
 
         def ready(final: bool) -> Iterator[Classification]:
-            nonlocal todo, done
+            nonlocal todo, done, done_emb
             while len(todo) >= self.batch_size or (final and len(todo)):
                 n = min(self.batch_size, len(todo))
-                done = np.concatenate([done, self.predict_windows(todo[:n])])
+                p, e = self.predict_with_embeddings(todo[:n])
+                done = np.concatenate([done, p])
+                if e is not None:
+                    done_emb = e if done_emb is None else np.concatenate([done_emb, e])
                 todo = todo[n:]
             while files:
                 d = files[0]
@@ -196,8 +221,12 @@ class Classifier:
                 files.popleft()
                 p = done[:n].mean(axis=0)
                 done = done[n:]
+                emb = None
+                if done_emb is not None:
+                    emb = done_emb[:n].mean(axis=0, dtype=np.float32)
+                    done_emb = done_emb[n:]
                 probs = {g: float(v) for g, v in zip(self.labels, p, strict=True)}
-                yield Classification(d.path, probs, n, d.duration, d.codec)
+                yield Classification(d.path, probs, n, d.duration, d.codec, embedding=emb)
 
         for d in self.decoded(paths):
             files.append(d)
@@ -206,6 +235,35 @@ class Classifier:
                 d.windows = d.windows[:, :0, :0]  # keep the count, free the pixels
             yield from ready(final=False)
         yield from ready(final=True)
+
+
+def _with_embedding(model):
+    """The model with a second output: the input of its ``genre`` layer(s), the embedding.
+
+    A single DenseNet has one ``genre`` Dense layer; an ensemble (``densenet.ensemble``)
+    averages members that each have one, and its embedding is the members' features
+    side by side. None when the model has no ``genre`` layer.
+    """
+    import keras
+
+    def genre_layer(m):
+        try:
+            return m.get_layer("genre")
+        except ValueError:
+            return None
+
+    if genre_layer(model) is not None:
+        return keras.Model(model.inputs, [model.outputs[0], genre_layer(model).input])
+    members = [layer for layer in model.layers if isinstance(layer, keras.Model) and genre_layer(layer) is not None]
+    if not members or not isinstance(model.layers[-1], keras.layers.Average):
+        return None
+    inputs = keras.Input(model.inputs[0].shape[1:], dtype=model.inputs[0].dtype)
+    probs, feats = [], []
+    for m in members:
+        p, f = keras.Model(m.inputs, [m.outputs[0], genre_layer(m).input])(inputs)
+        probs.append(p)
+        feats.append(f)
+    return keras.Model(inputs, [keras.layers.Average()(probs), keras.layers.Concatenate()(feats)])
 
 
 def classify(
