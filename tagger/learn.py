@@ -101,7 +101,7 @@ def album_of(path: str) -> str | None:
         return None
 
     album = first("album", "TALB", "WM/AlbumTitle")
-    artist = first("albumartist", "TPE2", "WM/AlbumArtist")
+    artist = first("albumartist", "album_artist", "album artist", "TPE2", "WM/AlbumArtist")
     if not album:
         return None
     return f"{(artist or '').casefold()}/{album.casefold()}"
@@ -161,12 +161,14 @@ class Validation:
 
 
 def validate(x: np.ndarray, y: np.ndarray, groups: list[str], labels: list[str], *, folds: int = DEFAULT_FOLDS, seed: int = 0, c: float = DEFAULT_C) -> Validation | None:
-    """Grouped, stratified k-fold: a held-out fold is whole albums. None with fewer than two albums."""
+    """Grouped, stratified k-fold: a held-out fold is whole albums. None when nothing can be
+    held out (one album; or no label with two tracks)."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     g_ids = np.unique(np.asarray(groups), return_inverse=True)[1]
     n_groups = int(g_ids.max()) + 1 if len(g_ids) else 0
-    k = min(folds, n_groups)
+    # scikit-learn wants at least one label with a track per fold
+    k = min(folds, n_groups, int(np.bincount(y).max()) if len(y) else 0)
     if k < 2:
         return None
     predicted = np.zeros(len(y), dtype=np.int64)

@@ -51,10 +51,8 @@ def nearest(db: Database, base: Bundle, path: str, n: int = 10) -> list[Neighbou
         q = embeddings.get(s, track.id, model_id) if model_id is not None else None
         if q is None:
             raise SimilarError(f"{path}: no embedding of the model {base.name} yet: run `tagger scan --embed {path}`")
-        ids, x = embeddings.matrix(s, model_id)
-    if x.shape[1] != q.shape[0]:
-        raise SimilarError(f"{path}: its embedding has {q.shape[0]} values, the library's {x.shape[1]}")
-    norms = np.linalg.norm(x, axis=1)
+        ids, x = embeddings.matrix(s, model_id, q.shape[0])
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
     q_norm = float(np.linalg.norm(q)) or 1.0
     sim = (x @ q) / (np.maximum(norms, 1e-12) * q_norm)
     sim[ids == track.id] = -np.inf  # not itself
