@@ -220,6 +220,35 @@ def test_embeddings_migration_up_and_down_on_a_real_file(tmp_path: Path) -> None
     assert upgrade(path) == "0003"
 
 
+def test_stored_embeddings_are_read_back_in_blocks(tmp_path: Path) -> None:
+    """More than one block of rows; a row of another size and tracks that are gone are left
+    out; every vector comes back as stored (float16), paired with its own track."""
+    db = open_db(tmp_path / "t.db")
+    rng = np.random.default_rng(0)
+    vectors = {}
+    with db.session() as s:
+        mid = repo.ensure_model(s, "f" * 64, "m", ["a"])
+        other = repo.ensure_model(s, "e" * 64, "other", ["a"])
+        for i in range(1, 5001):
+            t = repo.upsert_track(s, f"/m/{i}.flac", size=1, mtime=1.0, status="tagged")
+            v = rng.normal(size=9 if i == 4097 else 8)
+            embeddings.store(s, t.id, mid, v, 1)
+            embeddings.store(s, t.id, other, v[:3], 1)  # another model: never mixed in
+            vectors[t.id] = v.astype(np.float32).astype(np.float16).astype(np.float32)
+        repo.mark_missing(s, ["/m/5.flac"])
+        repo.mark_failed(s, "/m/6.flac", "no longer decodes")
+        repo.mark_removed(s, "/m/4098.flac")
+    with db.session(write=False) as s:
+        got = list(embeddings.blocks(s, mid, 8))
+    db.dispose()
+    assert len(got) >= 2
+    ids = np.concatenate([i for i, _ in got])
+    x = np.concatenate([v for _, v in got])
+    assert sorted(ids.tolist()) == sorted(set(range(1, 5001)) - {4097, 5, 6, 4098})
+    assert x.dtype == np.float32 and x.shape == (len(ids), 8)
+    assert all(np.array_equal(x[k], vectors[int(i)]) for k, i in enumerate(ids))
+
+
 # --------------------------------------------------------------------------- refusals and heads
 
 

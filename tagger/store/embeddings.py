@@ -11,7 +11,7 @@ Like :mod:`tagger.store.repo`, these functions flush but never commit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 
 import numpy as np
@@ -95,29 +95,47 @@ def with_embedding(session: Session, model_id: int) -> set[str]:
 _F16_TABLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
-def matrix(session: Session, model_id: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Track ids and their ``dim``-value embeddings (float32, one row each) of every track
-    still there (rows of another size, which one model never writes, are left out).
+#: Rows per ``group_concat`` in :func:`blocks`: few Python objects, blocks that stay in cache.
+_CHUNK = 4096
 
-    One SELECT of two columns on the driver's own cursor (no row objects), the tracks
-    that are gone masked out afterwards (they are few, and a join per row costs more),
-    one ``frombuffer`` over the joined bytes and a table lookup to float32: 100,000
-    vectors load in a fraction of a second (``benchmarks/similar_query.py``).
+
+def blocks(session: Session, model_id: int, dim: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Track ids and their ``dim``-value embeddings (float32, one row each), a block of up to
+    4,096 at a time, of every track still there (rows of another size, which one model
+    never writes, are left out).
+
+    The cost of 100,000 rows is Python building a tuple and a bytes object per row, so
+    SQLite concatenates them instead, one query per block (a range of ``id``, read in
+    index order: no sort): ``group_concat`` of the track ids and of the vectors, which
+    go through both aggregates in the same order. Tracks that are gone are masked out
+    (they are few; a join per row costs more), and a table lookup turns float16 into
+    float32. Memory stays at one block whatever the library. ``benchmarks/similar_query.py``
+    measures it.
     """
     driver = session.connection().connection.driver_connection
     gone_q = f"SELECT id FROM tracks WHERE status IN ({', '.join('?' * len(GONE))})"
     gone = np.fromiter((r[0] for r in driver.execute(gone_q, GONE)), dtype=np.int64)
-    rows = driver.execute("SELECT track_id, vector FROM embeddings WHERE model_id = ?", (model_id,)).fetchall()
-    blob = b"".join([r[1] for r in rows])
-    if len(blob) != len(rows) * dim * STORED.itemsize:
-        rows = [r for r in rows if len(r[1]) == dim * STORED.itemsize]
-        blob = b"".join([r[1] for r in rows])
-    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    bits = np.frombuffer(blob, dtype="<u2").reshape(len(rows), dim)
-    if len(gone):
-        keep = ~np.isin(ids, gone)
-        ids, bits = ids[keep], bits[keep]
-    return ids, _F16_TABLE[bits]
+    lo, hi = driver.execute("SELECT min(id), max(id) FROM embeddings WHERE model_id = ?", (model_id,)).fetchone()
+    if lo is None:
+        return
+    size = dim * STORED.itemsize
+    where = "FROM embeddings WHERE model_id = ? AND id >= ? AND id < ?"
+    for start in range(lo, hi + 1, _CHUNK):
+        args = (model_id, start, start + _CHUNK)
+        ids_text, blob = driver.execute(f"SELECT group_concat(track_id), CAST(group_concat(vector, '') AS BLOB) {where}", args).fetchone()
+        if ids_text is None:
+            continue
+        ids = np.array(ids_text.split(","), dtype=np.int64)
+        if len(blob) != len(ids) * size:  # a row of another size in this range: row by row
+            rows = [r for r in driver.execute(f"SELECT track_id, vector {where}", args) if len(r[1]) == size]
+            ids = np.array([r[0] for r in rows], dtype=np.int64)
+            blob = b"".join(r[1] for r in rows)
+        bits = np.frombuffer(blob, dtype="<u2").reshape(len(ids), dim)
+        if len(gone):
+            keep = ~np.isin(ids, gone)
+            ids, bits = ids[keep], bits[keep]
+        if len(ids):
+            yield ids, _F16_TABLE[bits]
 
 
 def count(session: Session, model_id: int | None = None) -> int:
