@@ -334,7 +334,8 @@ class Library:
                 # Another model's prediction serves only if it has the same genres (a
                 # retrained model); a learnt head's and the base model's do not mix.
                 pred = repo.latest_prediction(s, track.id)
-                if pred is not None and list(s.get(Model, pred.model_id).labels) != list(current[1]):
+                other = s.get(Model, pred.model_id) if pred is not None else None
+                if other is None or list(other.labels) != list(current[1]):
                     pred = None
             if track is None or pred is None:
                 return None
