@@ -69,6 +69,14 @@ def normalize_roots(cfg: Config) -> list[str]:
     return out
 
 
+def _options(cfg: Config, bundle) -> Options:
+    """Tag options from the config; a learnt head's genres are written as it names them."""
+    from tagger.model.head import written_names
+
+    names = written_names(bundle, cfg.tags.names) if bundle is not None else None
+    return Options.from_config(cfg, names=names)
+
+
 class Daemon:
     def __init__(self, cfg: Config, *, notifier: Notifier | None = None):
         self.cfg = cfg
@@ -192,13 +200,12 @@ class Daemon:
         import numpy as np
 
         from tagger import features
-        from tagger.model.bundle import load_bundle
-        from tagger.model.infer import Classifier
+        from tagger.model.head import load_any, make_classifier
 
         cfg = self.cfg
         # The decode processes die with the daemon, even after kill -9 (tagger.lifeline).
-        bundle = load_bundle(cfg.model.path or None)
-        clf = Classifier(bundle, batch_size=cfg.daemon.batch_size, max_windows=cfg.model.max_windows, workers=cfg.model.workers or None)
+        bundle = load_any(cfg.model.path or None)  # a model bundle or learnt genres (a head)
+        clf = make_classifier(bundle, batch_size=cfg.daemon.batch_size, max_windows=cfg.model.max_windows, workers=cfg.model.workers or None)
         clf.predict_windows(np.zeros((1, features.N_MELS, features.N_COLUMNS), dtype=np.uint8))  # load + trace now
         # Start and warm the decode processes now rather than on the first file (seconds).
         with contextlib.suppress(Exception):
@@ -210,7 +217,7 @@ class Daemon:
                     pool.submit(warm_up)
         where = clf.device
         log.info("model %s (%s): %d genres, on %s, %d decode workers, batches of %d windows", bundle.name, bundle.sha256[:12], len(bundle.labels), where, clf.workers, clf.batch_size)
-        return Library(self.db, clf, Options.from_config(cfg))
+        return Library(self.db, clf, _options(cfg, bundle))
 
     def _take_lock(self, db_path: Path) -> str | None:
         """Hold an exclusive lock next to the database; the pid of the holder if taken."""
@@ -403,7 +410,7 @@ class Daemon:
         self.handler.delete_delay = new.daemon.settle_seconds
         self.settler.settle_seconds = new.daemon.settle_seconds
         self.watcher.cfg = new
-        self.library.options = Options.from_config(new)
+        self.library.options = _options(new, self.library.classifier.bundle if self.library.classifier else None)
         if self.library.classifier is not None:
             self.library.classifier.batch_size = new.daemon.batch_size
         removed = [r for r in old_roots if r not in new_roots]

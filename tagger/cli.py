@@ -296,12 +296,113 @@ def open_database(ctx: Context):
 @click.option("--top-k", type=click.IntRange(1), default=None, help="Write up to K genres.")
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=None, help="Do not tag below this probability.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the summary and every file's outcome.")
+@click.option("--model", "model_path", type=click.Path(exists=True), default=None, help="Model bundle or learnt genres (`tagger learn --out DIR`) to use instead of [model] path.")
+@click.option("--embed", is_flag=True, help="Only store embeddings for files that have none (for learn and similar); no tags, no predictions.")
 @pass_ctx
-def scan(ctx: Context, paths, dry_run, force, policy, top_k, min_confidence, as_json) -> None:
+def scan(ctx: Context, paths, dry_run, force, policy, top_k, min_confidence, as_json, model_path, embed) -> None:
     """Classify and tag the music under PATHS (default: [library] folders)."""
     from .scan import run_scan
 
-    sys.exit(run_scan(ctx, paths, dry_run=dry_run, force=force, policy=policy, top_k=top_k, min_confidence=min_confidence, as_json=as_json))
+    sys.exit(run_scan(ctx, paths, dry_run=dry_run, force=force, policy=policy, top_k=top_k, min_confidence=min_confidence, as_json=as_json, model_path=model_path, embed=embed))
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--min-tracks", type=click.IntRange(1), default=None, help="Keep genres with at least N tracks (default: [learn] min_tracks, 15).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Where to save the learnt genres (default: 'learnt' next to the database).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write the validation's confusion matrix as PNG.")
+@click.option("--folds", type=click.IntRange(2), default=5, show_default=True, help="Validation folds (of whole albums).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@pass_ctx
+def learn(ctx: Context, paths, min_tracks, out_dir, plot, folds, as_json) -> None:
+    """Learn the genres people set in PATHS (default: [library] folders), from stored embeddings.
+
+    Only genres a person set count (never tagger's own); spellings are folded together
+    and [learn.aliases] merges names. Validation holds out whole albums. The result is a
+    bundle for `tagger scan --model DIR` or [model] path.
+    """
+    from rich.progress import Progress
+
+    from .learn import LearnRefused, read_library, render
+    from .learn import learn as run_learn
+    from .library import walk
+    from .model.bundle import BundleError
+    from .model.evaluate import plot_confusion
+    from .model.head import installed_base
+
+    cfg = ctx.config
+    roots = [Path(p).expanduser().absolute() for p in paths] if paths else cfg.folders()
+    for r in roots:
+        if not r.exists():
+            fail(f"{r}: no such file or folder")
+    try:
+        base = installed_base(cfg.model.path or None)
+    except BundleError as exc:
+        fail(str(exc))
+    db = open_database(ctx)
+    out = Path(out_dir) if out_dir else cfg.database.resolved().parent / "learnt"
+    walk_errors: list[tuple[str, str]] = []
+    lib = cfg.library
+    files = list(walk(roots, include=lib.include, exclude=lib.exclude, follow_symlinks=lib.follow_symlinks, on_error=lambda p, why: walk_errors.append((p, why))))
+    for p, why in walk_errors:
+        click.echo(f"tagger: skipped {p}: {why}", err=True)
+    with Progress(transient=True, disable=as_json or not sys.stderr.isatty()) as bar:
+        task = bar.add_task("reading tags", total=len(files))
+        reading = read_library(files, separator=cfg.tags.separator, progress=lambda: bar.advance(task))
+    for p, why in reading.unreadable:
+        click.echo(f"tagger: {p}: {why}", err=True)
+    try:
+        result = run_learn(db, reading, base, out, aliases=cfg.learn.aliases, min_tracks=min_tracks or cfg.learn.min_tracks, folds=folds)
+    except LearnRefused as exc:
+        fail(f"learn: {exc}")
+    except BundleError as exc:
+        fail(str(exc))
+    finally:
+        db.dispose()
+    if plot and result.validation is not None:
+        plot_confusion(result.validation.report, plot, title=f"learnt genres: held-out albums, accuracy {result.validation.report.accuracy:.1%}")
+    click.echo(json.dumps(result.to_json()) if as_json else render(result))
+    sys.exit(EXIT_FAILURES if reading.unreadable or walk_errors else EXIT_OK)
+
+
+@main.command()
+@click.argument("file", type=click.Path())
+@click.option("-n", "count", type=click.IntRange(1), default=10, show_default=True, help="How many tracks.")
+@click.option("--playlist", type=click.Path(dir_okay=False), help="Also write FILE and its neighbours as an M3U playlist (.m3u8).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@pass_ctx
+def similar(ctx: Context, file, count, playlist, as_json) -> None:
+    """The tracks most like FILE (cosine similarity of stored embeddings; read-only)."""
+    from .model.bundle import BundleError
+    from .model.head import installed_base
+    from .similar import SimilarError, duration_of, nearest, write_playlist
+
+    path = str(Path(file).expanduser().absolute())
+    try:
+        base = installed_base(ctx.config.model.path or None)
+    except BundleError as exc:
+        fail(str(exc))
+    db = open_database(ctx)
+    try:
+        found = nearest(db, base, path, count)
+        if playlist:
+            write_playlist(playlist, path, found, seed_duration=duration_of(db, path))
+    except SimilarError as exc:
+        fail(str(exc), EXIT_FAILURES)
+    except OSError as exc:
+        fail(f"{playlist}: {exc.strerror or exc}", EXIT_FAILURES)
+    finally:
+        db.dispose()
+    if as_json:
+        click.echo(json.dumps({"query": path, "model": {"name": base.name, "sha256": base.sha256}, "tracks": [t.to_json() for t in found], "playlist": playlist}))
+        return
+    for t in found:
+        genres = "; ".join(t.genres) or (f"({t.note})" if t.note else "(no genre)")
+        click.echo(f"{t.similarity:6.3f}  {t.path}  [{genres}]")
+    if not found:
+        click.echo("no other track has an embedding of this model yet")
+    if playlist:
+        click.echo(f"wrote {playlist} ({len(found) + 1} tracks)")
 
 
 @main.command()

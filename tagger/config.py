@@ -47,7 +47,7 @@ class DatabaseConfig:
 class ModelConfig:
     path: str = ""
     batch_size: int = 64
-    max_windows: int = 2
+    max_windows: int = 1
     workers: int = 0
 
 
@@ -71,6 +71,14 @@ class TagsConfig:
             "rock": "Rock",
         }
     )
+
+
+@dataclass
+class LearnConfig:
+    """``tagger learn``: the owner's spellings folded into one label, and the smallest label kept."""
+
+    min_tracks: int = 15
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,6 +106,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     tags: TagsConfig = field(default_factory=TagsConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    learn: LearnConfig = field(default_factory=LearnConfig)
     source: Path | None = None
 
     def folders(self) -> list[Path]:
@@ -141,6 +150,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("model.batch_size, model.max_windows and tags.top_k must be at least 1")
     if not 0.0 <= cfg.tags.min_confidence <= 1.0:
         raise ConfigError("tags.min_confidence must be between 0 and 1")
+    if cfg.learn.min_tracks < 1:
+        raise ConfigError("learn.min_tracks must be at least 1")
+    bad = [k for k, v in cfg.learn.aliases.items() if not isinstance(v, str) or not v.strip()]
+    if bad:
+        raise ConfigError(f"learn.aliases: {bad[0]!r} must name a genre (a non-empty string)")
 
 
 def config_path(explicit: str | Path | None = None) -> Path | None:

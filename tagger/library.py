@@ -24,8 +24,9 @@ from pathlib import Path
 from . import paths as paths_
 from . import tags
 from .config import Config, TagsConfig
+from .model.head import base_of
 from .model.infer import Classification, Classifier
-from .store import repo
+from .store import embeddings, repo
 from .store.db import Database
 from .store.models import (
     TAG_SETTINGS_RESTORED,
@@ -216,6 +217,7 @@ class Library:
         self.classifier = classifier
         self.options = options
         self._model_id: int | None = None
+        self._embedding_model_id: int | None = None
 
     @property
     def model_id(self) -> int:
@@ -225,6 +227,19 @@ class Library:
             with self.db.session() as s:
                 self._model_id = repo.ensure_model(s, b.sha256, b.name, b.labels, b.meta.get("metrics", {}))
         return self._model_id
+
+    @property
+    def embedding_model_id(self) -> int:
+        """The model whose embeddings are stored: the base model under a learnt head."""
+        if self._embedding_model_id is None:
+            assert self.classifier is not None
+            b = base_of(self.classifier.bundle)
+            if b is self.classifier.bundle:
+                self._embedding_model_id = self.model_id
+            else:
+                with self.db.session() as s:
+                    self._embedding_model_id = repo.ensure_model(s, b.sha256, b.name, b.labels, b.meta.get("metrics", {}))
+        return self._embedding_model_id
 
     def known(self) -> dict[str, tuple[int, float, str]]:
         with self.db.session(write=False) as s:
@@ -289,12 +304,15 @@ class Library:
             return st
         ext = Path(path).suffix.lower().lstrip(".")
         model_id = self.model_id
+        emb_model_id = self.embedding_model_id if result.embedding is not None else None
         with self.db.session() as s:
             # Pending until the outcome below is recorded: a scan interrupted in between
             # leaves the file for the next scan to take again.
             track = repo.upsert_track(s, path, size=st.st_size, mtime=st.st_mtime, duration=result.duration, format=ext, status=TRACK_PENDING)
             labels, _, _ = self.choose(result.probabilities)
             repo.record_prediction(s, track.id, model_id, result.probabilities, [self.display(g) for g in labels], result.windows)
+            if emb_model_id is not None:  # same transaction: learn and similar never decode it again
+                embeddings.store(s, track.id, emb_model_id, result.embedding, result.windows)
             track_id = track.id
         model_tag = self.classifier.bundle.sha256[:12] if self.classifier else ""
         return self._tag(path, track_id, st, result.probabilities, model_id, model_tag)
@@ -309,9 +327,17 @@ class Library:
         from .store.models import Model
 
         path = seen.path
+        current = (self.model_id, self.classifier.bundle.labels) if self.classifier is not None else None
         with self.db.session(write=False) as s:
             track = repo.get_track(s, path)
-            pred = repo.latest_prediction(s, track.id) if track is not None else None
+            pred = repo.latest_prediction(s, track.id, current[0] if current else None) if track is not None else None
+            if pred is None and track is not None and current is not None:
+                # Another model's prediction serves only if it has the same genres (a
+                # retrained model); a learnt head's and the base model's do not mix.
+                pred = repo.latest_prediction(s, track.id)
+                other = s.get(Model, pred.model_id) if pred is not None else None
+                if other is None or list(other.labels) != list(current[1]):
+                    pred = None
             if track is None or pred is None:
                 return None
             track_id, probabilities, model_id = track.id, dict(pred.probabilities), pred.model_id

@@ -79,11 +79,16 @@ class Reporter:
 SUMMARY_ORDER = ("tagged", "would-tag", "kept", "low-confidence", "unchanged", "changed", "failed")
 
 
-def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confidence, as_json: bool) -> int:
-    """Walk, classify, tag, record; returns the exit status (see ``tagger.exits``)."""
+def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confidence, as_json: bool, model_path=None, embed: bool = False) -> int:
+    """Walk, classify, tag, record; returns the exit status (see ``tagger.exits``).
+
+    ``model_path`` overrides ``[model] path`` (a model bundle or a learnt head); ``embed``
+    only fills in missing embeddings (no tags, no predictions).
+    """
+    from .embedding import head_from_stored
     from .exits import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, fail, open_database
-    from .model.bundle import BundleError, load_bundle
-    from .model.infer import Classifier
+    from .model.bundle import BundleError
+    from .model.head import load_any, make_classifier, written_names
     from .store.db import DatabaseLocked
 
     cfg = ctx.config
@@ -95,18 +100,22 @@ def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confi
     if not roots:
         fail("nothing to scan")
     try:
-        bundle = load_bundle(cfg.model.path or None)
+        bundle = load_any(model_path or cfg.model.path or None)
     except BundleError as exc:
         fail(str(exc))
     db = open_database(cfg)
-    options = Options.from_config(cfg, policy=policy, top_k=top_k, min_confidence=min_confidence, dry_run=dry_run)
+    names = written_names(bundle, cfg.tags.names)  # a learnt head writes its labels as they are
+    options = Options.from_config(cfg, policy=policy, top_k=top_k, min_confidence=min_confidence, dry_run=dry_run, names=names)
     walk_errors: list[tuple[str, str]] = []
     t0 = time.monotonic()
     counts: Counter[str] = Counter()
     outcomes: list[Outcome] = []
     interrupted = False
-    classifier = Classifier(bundle, batch_size=cfg.model.batch_size, max_windows=cfg.model.max_windows, workers=cfg.model.workers or None)
+    stored: list[FileStat] = []
+    classifier = make_classifier(bundle, batch_size=cfg.model.batch_size, max_windows=cfg.model.max_windows, workers=cfg.model.workers or None)
     library = Library(db, classifier, options)
+    if embed:
+        return _run_embed(library, cfg, roots, as_json, missing_roots)
     reporter = None
     try:
         files: list[FileStat] = list(
@@ -125,6 +134,11 @@ def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confi
         # Unchanged files whose tags were decided under other settings (or not settled:
         # a dry run, a failed write) get these settings from their stored prediction.
         retag = library.unsettled(files, todo)
+        # Under a learnt head, files already scanned get its genres from their stored
+        # embeddings (no decoding), then are applied like any stored prediction.
+        stored = head_from_stored(library, files, todo)
+        retagged = set(retag)
+        retag += [f for f in stored if f not in retagged]
         counts["unchanged"] += unchanged - len(retag)
         _mark_vanished(library, roots, known, {f.path for f in files}, walk_errors)
         reporter = Reporter(len(todo) + len(retag), quiet=as_json)
@@ -167,7 +181,7 @@ def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confi
         "model": {"name": bundle.name, "sha256": bundle.sha256},
         "skipped_paths": [{"path": p, "reason": r} for p, r in walk_errors],
         "failures": [{"path": o.path, "reason": o.reason} for o in outcomes if o.action == "failed"],
-        "notes": _notes(outcomes, options),
+        "notes": _notes(outcomes, options) + ([f"learnt genres given to {len(stored)} files from their stored embeddings (no decoding)"] if stored else []),
     }
     if as_json:
         summary["files"] = [o.to_json() for o in outcomes]
@@ -223,3 +237,52 @@ def _mark_vanished(library: Library, roots: list[Path], known: dict, seen: set[s
     if gone:
         with library.db.session() as s:
             repo.mark_missing(s, gone)
+
+
+def _run_embed(library: Library, cfg, roots: list[Path], as_json: bool, missing_roots: list[Path]) -> int:
+    """``tagger scan --embed``: embeddings for the files that have none; no tags, no predictions."""
+    from .exits import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, fail
+    from .embedding import embed, missing_embeddings
+    from .store.db import DatabaseLocked
+
+    t0 = time.monotonic()
+    counts: Counter[str] = Counter()
+    failures: list[dict[str, str]] = []
+    walk_errors: list[tuple[str, str]] = []
+    interrupted = False
+    reporter = None
+
+    def step(r) -> None:
+        if not r.ok:
+            failures.append({"path": r.path, "reason": r.error or ""})
+        if reporter is not None:
+            reporter.step(Outcome(r.path, "failed" if not r.ok else "embedded", reason=r.error or ""))
+
+    try:
+        lib = cfg.library
+        files = list(walk(roots, include=lib.include, exclude=lib.exclude, follow_symlinks=lib.follow_symlinks, on_error=lambda p, why: walk_errors.append((p, why))))
+        for p, why in walk_errors:
+            click.echo(f"tagger: skipped {p}: {why}", err=True)
+        todo = missing_embeddings(library, files)
+        counts["present"] = len(files) - len(todo)
+        reporter = Reporter(len(todo), quiet=as_json)
+        counts.update(embed(library, todo, on_result=step))
+    except KeyboardInterrupt:
+        interrupted = True
+    except DatabaseLocked as exc:
+        fail(str(exc), 3)
+    finally:
+        if reporter:
+            reporter.close()
+        if library.classifier is not None:
+            library.classifier.close()
+        library.db.dispose()
+    elapsed = time.monotonic() - t0
+    summary = {"roots": [str(r) for r in roots], "seconds": round(elapsed, 2), "embedded": counts["embedded"], "already": counts["present"], "failed": counts["failed"], "failures": failures, "interrupted": interrupted}
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"{'interrupted: ' if interrupted else ''}{counts['embedded']} embedded, {counts['present']} already had an embedding, {counts['failed']} failed in {elapsed:.1f}s")
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILURES if counts["failed"] or walk_errors or missing_roots else EXIT_OK

@@ -310,3 +310,75 @@ def write_synth(
     path = Path(path)
     sf.write(path, synth_signal(seconds, sr, channels, seed), sr, subtype=subtype)
     return path
+
+
+# --- a library tagged by its owner, for tagger learn --------------------------------------
+
+#: How the owner of :func:`owner_library` spells each GTZAN genre they tagged: the label
+#: ``tagger learn`` should arrive at, and the values written into the files (in turn).
+#: ``(17)``/``(13)`` are ID3v1 genre numbers (Rock, Pop), ``Rap; Hip Hop`` holds two genres.
+OWNER_LABELS = {
+    "disco": ("Disco", ["Disco"]),
+    "hiphop": ("Rap", ["Rap; Hip Hop", "rap", "Rap; Hip Hop"]),
+    "jazz": ("Jazz & Swing", ["Jazz & Swing", "jazz and swing", "Jazz & Swing", "Jazz-and-Swing"]),
+    "metal": ("Heavy", ["Heavy"]),
+    "pop": ("Pop", ["(13)", "Pop", "13"]),
+    "reggae": ("Roots Reggae", ["Roots Reggae", "reggae"]),  # reggae: an alias in the config
+    "rock": ("Rock", ["(17)", "rock", "ROCK", "Rock"]),
+}
+OWNER_ALIASES = {"reggae": "Roots Reggae"}
+
+
+def split_ids(name: str) -> set[str]:
+    """``<genre>/<id>`` lines of a shared split file (``train.txt``, ``valid.txt``)."""
+    return set((MEL_PNG / "splits" / name).read_text().split())
+
+
+def owner_library(out: Path) -> list[dict[str, Any]]:
+    """The shared clips as an owner's library: training-split clips carry the owner's genre
+    tags (:data:`OWNER_LABELS`), validation-split clips carry none. Clips in neither split
+    (GTZAN's faulty ones) are left out.
+
+    Two clips of a genre make an album (``<Genre> Artist/Album N``); every other album has
+    an album tag, the rest are grouped by folder. Formats alternate between FLAC (Vorbis
+    comments, genre values as typed) and MP3 (ID3v2.3 whose TCON holds the value as typed,
+    so ``(17)`` stays a number in the file). One record per file: path, genre (GTZAN's),
+    split, the values written and the label expected.
+    """
+    from mutagen.id3 import ID3
+
+    train, valid = split_ids("train.txt"), split_ids("valid.txt")
+    records = []
+    for genre_dir in sorted(AUDIO_MINI.iterdir()):
+        genre = genre_dir.name
+        clips = [c for c in sorted(genre_dir.glob("*.flac")) if f"{genre}/{c.stem}" in train | valid]
+        for i, clip in enumerate(clips):
+            split = "train" if f"{genre}/{clip.stem}" in train else "valid"
+            album = out / f"{genre.title()} Artist" / f"Album {i // 2}"
+            album.mkdir(parents=True, exist_ok=True)
+            mp3 = i % 2 == 1
+            meta = ["-map_metadata", "-1", "-metadata", f"title={clip.stem}", "-metadata", f"artist={genre.title()} Artist"]
+            if (i // 2) % 3 != 2:  # every third album only has its folder
+                meta += ["-metadata", f"album={genre.title()} Album {i // 2}"]
+            if mp3:
+                path = album / f"{clip.stem}.mp3"
+                run_ffmpeg("-i", clip, *meta, "-c:a", "libmp3lame", "-b:a", "128k", "-id3v2_version", "3", path)
+            else:
+                path = album / f"{clip.stem}.flac"
+                run_ffmpeg("-i", clip, *meta, "-c:a", "flac", path)
+            values: list[str] = []
+            label = None
+            if split == "train" and genre in OWNER_LABELS:
+                label, spellings = OWNER_LABELS[genre]
+                n = sum(1 for r in records if r["genre"] == genre and r["split"] == "train")
+                values = [spellings[n % len(spellings)]]
+                if mp3:
+                    tags = ID3(path)
+                    tags.add(TCON(encoding=1, text=values))
+                    tags.save(path, v2_version=3)
+                else:
+                    f = FLAC(path)
+                    f["GENRE"] = values
+                    f.save()
+            records.append({"path": path, "genre": genre, "split": split, "values": values, "label": label})
+    return records

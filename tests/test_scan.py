@@ -434,7 +434,7 @@ def test_scan_end_to_end(tiny_bundle: Path, excerpts: list[Path], tmp_path: Path
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     current = tagger(cfg, "db", "current").stdout
     assert (
-        str(db) in current and "revision 0002 (head 0002)" in current and "upgrade" not in current
+        str(db) in current and "revision 0003 (head 0003)" in current and "upgrade" not in current
     )
     assert tagger(cfg, "db", "path").stdout.strip() == str(db)
 

@@ -18,7 +18,7 @@ from tagger import store as S
 from tagger.store.models import Job, utcnow
 
 REPO = Path(__file__).resolve().parents[1]
-TABLES = {"tracks", "models", "predictions", "tag_writes", "jobs"}
+TABLES = {"tracks", "models", "predictions", "tag_writes", "jobs", "embeddings"}
 
 
 @pytest.fixture
@@ -106,7 +106,7 @@ def test_0002_keeps_data_up_and_down(tmp_path: Path) -> None:
     old_view = con.execute("SELECT written_genres FROM track_genres").fetchone()[0]
     con.close()
     assert old_view == '["Pop"]'  # 0001 showed the restored value as written
-    assert S.upgrade(path) == S.head_revision() == "0002"
+    assert S.upgrade(path, "0002") == "0002"
     con = sqlite3.connect(path)
     try:
         assert con.execute("SELECT path, tag_settings FROM tracks").fetchall() == [("/m/a.flac", None)]

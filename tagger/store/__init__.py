@@ -23,6 +23,9 @@ Tables (timestamps are UTC ISO text; JSON columns are TEXT holding JSON):
                  ``genres_before`` / ``genres_after`` (JSON lists), ``raw_before`` (the
                  fields exactly as stored, for restore), ``reason``, ``model_id``,
                  ``dry_run``, ``restored`` / ``restored_at``.
+``embeddings``   one row per (track, model): ``dim`` float16 values in ``vector`` (the model's
+                 pooled features before its genre layer, mean over windows), ``windows``,
+                 ``created_at`` (see :mod:`tagger.store.embeddings`).
 ``jobs``         the daemon's durable queue: ``path``, ``kind`` (classify / move / delete /
                  rescan), ``dest_path``, ``state`` (queued / claimed / done / failed),
                  ``attempts``, ``not_before``, ``claimed_by`` (host:pid), ``claimed_at``,

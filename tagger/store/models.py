@@ -34,6 +34,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -215,6 +216,26 @@ class Prediction(Base):
             f"Prediction(track_id={self.track_id!r}, model_id={self.model_id!r}, "
             f"top_genre={self.top_genre!r}, confidence={self.confidence:.3f})"
         )
+
+
+class Embedding(Base):
+    """One model's embedding of one track: its pooled features before the genre layer,
+    averaged over the track's windows; ``dim`` little-endian float16 values in ``vector``.
+    Replaced when the track is classified again by that model (see ``tagger.store.embeddings``)."""
+
+    __tablename__ = "embeddings"
+    __table_args__ = (UniqueConstraint("track_id", "model_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    track_id: Mapped[int] = mapped_column(ForeignKey("tracks.id", ondelete="CASCADE"))
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    windows: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"Embedding(track_id={self.track_id!r}, model_id={self.model_id!r}, dim={self.dim!r})"
 
 
 class TagWrite(Base):
