@@ -241,8 +241,8 @@ def _mark_vanished(library: Library, roots: list[Path], known: dict, seen: set[s
 
 def _run_embed(library: Library, cfg, roots: list[Path], as_json: bool, missing_roots: list[Path]) -> int:
     """``tagger scan --embed``: embeddings for the files that have none; no tags, no predictions."""
-    from .exits import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, fail
     from .embedding import embed, missing_embeddings
+    from .exits import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, fail
     from .store.db import DatabaseLocked
 
     t0 = time.monotonic()
