@@ -192,6 +192,31 @@ def _need_train_extra(what: str) -> None:
         fail(f"{what} needs the train extra ({', '.join(missing)} not installed): pip install 'tagger[train]' (from a checkout: pip install '.[train]')")
 
 
+@main.group()
+def teacher() -> None:
+    """The pretrained teacher (musicnn) and the bridge from our windows to its input."""
+
+
+@teacher.command("calibrate")
+@click.argument("audio", type=click.Path(exists=True, file_okay=False))
+@click.argument("images", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def teacher_calibrate(audio, images, as_json) -> None:
+    """Fit the bridge's gain on clips present both as AUDIO (<genre>/<id>.flac) and as window IMAGES (<genre>/<id>.png)."""
+    try:
+        from .teacher.calibrate import calibrate
+    except ImportError as exc:
+        fail(f"calibration needs the train extra ({exc.name} not installed): pip install '.[train]'")
+    try:
+        cal = calibrate(audio, images)
+    except ValueError as exc:
+        fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(cal.to_json()))
+    else:
+        click.echo(f"log10 gain {cal.log10_gain:.3f}; correlation with musicnn's own input {cal.correlation:.3f}, RMSE {cal.rmse:.3f}, on {cal.clips} clips")
+
+
 @main.command("export")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False), required=False)
 def export_cmd(bundle) -> None:
