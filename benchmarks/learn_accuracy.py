@@ -11,8 +11,10 @@ the clips of the validation split carry none. Then, with the real command:
     tagger scan --model HEAD LIB          # the untagged clips get the owner's names
 
 and counts, over the validation clips whose genre the owner has a name for, how many
-files now hold that name. The shipped model was trained on the training split only, so
-the validation clips are unseen by both the model and the head.
+files now hold that name. The embedding the head learns from is the shipped model's
+pretrained branch (musicnn's features, projected on principal components fitted without
+labels), which never saw a GTZAN genre label, so the validation clips' genres are unseen by
+the embedding and by the head.
 
     python benchmarks/learn_accuracy.py [--min-tracks 3] [--keep DIR]
 """

@@ -85,8 +85,13 @@ def fit_head(x: np.ndarray, y: np.ndarray, n_labels: int, *, c: float = 1.0, see
 
     x = np.asarray(x, dtype=np.float64)
     mean = x.mean(axis=0)
-    scale = x.std(axis=0)
-    scale[scale < 1e-6] = 1.0  # a feature that never varies carries nothing
+    # One scale for every feature, not one per feature: an embedding's features differ in
+    # how much they vary for a reason (principal components, in the shipped model: the
+    # last ones are mostly noise), and a few dozen tracks cannot tell which of 256 unit-
+    # variance features matter; per-feature scaling let the head fit that noise (8 % right
+    # on the end-to-end check, against 75 % with one scale).
+    spread = float(np.sqrt(np.mean(x.var(axis=0))))
+    scale = np.full(x.shape[1], spread if spread > 1e-6 else 1.0)
     z = (x - mean) / scale
     present = np.unique(y)
     weights = np.zeros((n_labels, x.shape[1]))
