@@ -47,7 +47,7 @@ class DatabaseConfig:
 class ModelConfig:
     path: str = ""
     batch_size: int = 64
-    max_windows: int = 1
+    max_windows: int = 2
     workers: int = 0
 
 

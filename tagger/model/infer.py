@@ -25,7 +25,7 @@ from .. import features, lifeline
 from .bundle import Bundle, load_bundle
 
 DEFAULT_BATCH = 64
-DEFAULT_MAX_WINDOWS = 1
+DEFAULT_MAX_WINDOWS = 2
 
 
 @dataclass
