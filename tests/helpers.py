@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import shutil
+import sqlite3
 import struct
 import subprocess
 import zlib
@@ -382,3 +383,13 @@ def owner_library(out: Path) -> list[dict[str, Any]]:
                     f.save()
             records.append({"path": path, "genre": genre, "split": split, "values": values, "label": label})
     return records
+
+
+def rows(db: Path, sql: str, *params: Any) -> list[dict[str, Any]]:
+    """Rows of a read-only query on a real database file, as dicts."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute(sql, params)]
+    finally:
+        con.close()

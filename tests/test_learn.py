@@ -53,13 +53,7 @@ def tagger(cfg: Path, *args: str, expect: int | None = 0, probe: bool = False) -
     return proc
 
 
-def rows(db: Path, sql: str, *params: Any) -> list[dict[str, Any]]:
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute(sql, params)]
-    finally:
-        con.close()
+rows = helpers.rows
 
 
 def write_config(path: Path, db: Path, *, model: Path | None = None, extra: str = "") -> Path:

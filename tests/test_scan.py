@@ -171,13 +171,7 @@ def scan(cfg: Path, *args: str, expect: int = 0) -> dict[str, Any]:
     return json.loads(proc.stdout)
 
 
-def rows(db: Path, sql: str, *params: Any) -> list[dict[str, Any]]:
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute(sql, params)]
-    finally:
-        con.close()
+rows = helpers.rows
 
 
 def statuses(db: Path) -> dict[str, str]:

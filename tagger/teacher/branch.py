@@ -111,7 +111,6 @@ class PatchCache:
                 todo.append(i)
         if self.dir:
             self.dir.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
         for s in range(0, len(todo), batch):
             idx = todo[s : s + batch]
             a, b = self._model().predict_on_batch(x[idx])
@@ -125,7 +124,6 @@ class PatchCache:
                     os.replace(tmp, self.dir / f"{keys[i]}.npz")
             if progress:
                 progress(min(s + batch, len(todo)), len(todo))
-        del t0
         return mean, mx
 
 
