@@ -5,12 +5,14 @@ shipped model and the default decode workers, and reads /proc:
 
 1. idle after start-up (model loaded, decode workers started and warmed);
 2. while tagging ``--files`` real 30-second GTZAN clips copied in at once (sampled peak);
-3. idle again after they are all tagged.
+3. idle again, ``--idle`` seconds after they are all tagged (before the idle release);
+4. idle for good: after ``[daemon] idle_release`` (``--release``, default the daemon's
+   60 s) the decode processes stop and the model's working memory is released.
 
 For each: RSS and PSS of the daemon, its fork server, decode workers and helpers, and the
 sums (RSS counts shared pages in every process; PSS shares them out).
 
-    python benchmarks/daemon_memory.py [--files 40] [--idle 5] [--model BUNDLE]
+    python benchmarks/daemon_memory.py [--files 40] [--idle 5] [--release 60] [--model BUNDLE]
 
 Prints figures; nothing is asserted. Needs ../shared (the GTZAN clips).
 """
@@ -46,6 +48,7 @@ def main() -> int:
     ap.add_argument("--files", type=int, default=40, help="clips to tag between the two idle readings")
     ap.add_argument("--idle", type=float, default=5.0, help="seconds to wait before an idle reading")
     ap.add_argument("--model", default="", help="model bundle (default: the shipped model)")
+    ap.add_argument("--release", type=float, default=60.0, help="[daemon] idle_release seconds (0: never release)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tagger-mem-"))
     music, db, cfg = tmp / "music", tmp / "tagger.db", tmp / "config.toml"
@@ -53,6 +56,7 @@ def main() -> int:
     cfg.write_text(
         f'[library]\nfolders = ["{music}"]\n[database]\npath = "{db}"\n[model]\npath = "{args.model}"\n'
         "[tags]\nmin_confidence = 0.0\n[daemon]\nsettle_seconds = 1.0\n"
+        f"idle_release = {args.release}\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "JOURNAL_STREAM", "INVOCATION_ID", "TAGGER_CONFIG")}
     log_path = tmp / "daemon.log"
@@ -64,9 +68,11 @@ def main() -> int:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("the daemon did not start:\n" + log_path.read_text(errors="replace")[-2000:])
             time.sleep(0.2)
-        time.sleep(args.idle)
+        time.sleep(min(args.idle, args.release - 1) if args.release > 1 else args.idle)
         print(f"{os.cpu_count()} CPUs; idle daemon after start-up:")
         print(report(processes(proc.pid)), flush=True)
+        released = "stopped the decode processes"
+        releases = log_path.read_text(errors="replace").count(released)
         if args.files:
             src = clips()[: args.files]
             sampler = Sampler(proc.pid)
@@ -84,6 +90,14 @@ def main() -> int:
                   f"peak PSS sum {sampler.peak_pss_sum:.0f} MB, largest process {sampler.peak_single_rss:.0f} MB")
             time.sleep(args.idle)
             print(f"idle again, {args.idle:g} s after the last tag:")
+            print(report(processes(proc.pid)), flush=True)
+        if args.release > 0:
+            while log_path.read_text(errors="replace").count(released) <= (releases if args.files else 0):
+                if proc.poll() is not None or time.monotonic() > deadline + 900 + args.release:
+                    raise SystemExit("the daemon did not release its memory:\n" + log_path.read_text(errors="replace")[-2000:])
+                time.sleep(0.5)
+            time.sleep(2.0)
+            print(f"idle for good, after the idle release ({args.release:g} s):")
             print(report(processes(proc.pid)), flush=True)
     finally:
         if proc.poll() is None:

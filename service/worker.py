@@ -137,8 +137,17 @@ class Worker:
         finally:
             self._done.set()
 
+    def _release_when_idle(self, idle_since: float, release_after: float) -> bool:
+        """After ``release_after`` idle seconds, hand the model's and decode processes' memory back."""
+        if release_after <= 0 or time.monotonic() - idle_since < release_after or self.library.classifier is None:
+            return False
+        if self.library.classifier.release():
+            log.info("idle for %.0f s: stopped the decode processes and released the model's memory (back on the next file)", release_after)
+        return True
+
     def _loop(self) -> None:
         first_ready: float | None = None
+        idle_since: float | None = time.monotonic()  # the start-up warm-up counts as work
         while not self._stop.is_set():
             cfg = self.config().daemon
             try:
@@ -152,6 +161,10 @@ class Worker:
                 continue
             if not ready:
                 first_ready = None
+                if idle_since is None:
+                    idle_since = time.monotonic()
+                elif self._release_when_idle(idle_since, cfg.idle_release):
+                    idle_since = float("inf")  # released: nothing more to do until work comes
                 timeout = 1.0
                 if nxt is not None:
                     timeout = min(1.0, max(0.01, (nxt - utcnow()).total_seconds()))
@@ -167,6 +180,7 @@ class Worker:
                 self.wake.clear()
                 continue
             first_ready = None
+            idle_since = None
             try:
                 with self.db.session() as s:
                     batch = jobs.claim(s, self.worker_id, limit)

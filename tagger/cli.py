@@ -97,11 +97,19 @@ def main(ctx: click.Context, config_file: str | None, verbose: int) -> None:
 @click.option("--patches", type=click.IntRange(1, 10), default=None, help="With --teacher: 3-second patches of each window the teacher hears (default 5; speed knob).")
 @click.option("--embedding-dim", type=click.IntRange(2), default=None, help="With --teacher: principal components kept as the embedding (default 256).")
 @click.option("--head-c", type=float, default=None, help="With --teacher: inverse L2 strength of the logistic-regression head (default 0.02).")
+@click.option("--distill", is_flag=True, help="With --teacher: train a DenseNet student to reproduce the teacher's tags and penultimate layer (plus the genres) instead of building the branch; the bundle is a plain DenseNet.")
+@click.option("--extra", "extra_paths", type=click.Path(exists=True, dir_okay=False), multiple=True, help="With --distill: unlabelled windows (.npz with 'levels', e.g. ../shared/data/extra-music/windows.npz) that teach through the teacher only. Repeatable.")
+@click.option("--tag-weight", type=float, default=None, help="With --distill: weight of the teacher-tag loss (default 10).")
+@click.option("--penultimate-weight", type=float, default=None, help="With --distill: weight of the teacher-penultimate loss (default 1).")
 @pass_ctx
-def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, members, crop, batch_size, learning_rate, patience, seed, select, arch_json, out_dir, cache_dir, name, jobs, mixup, masks, teacher, densenet_bundle, densenet_weight, patches, embedding_dim, head_c) -> None:
+def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, members, crop, batch_size, learning_rate, patience, seed, select, arch_json, out_dir, cache_dir, name, jobs, mixup, masks, teacher, densenet_bundle, densenet_weight, patches, embedding_dim, head_c, distill, extra_paths, tag_weight, penultimate_weight) -> None:
     """Train a genre model on DATA (PNG layout or <genre>/ audio folders)."""
     import numpy as np
 
+    if (distill or extra_paths) and not teacher:
+        fail("--distill and --extra need --teacher musicnn")
+    if extra_paths and not distill:
+        fail("--extra is used only with --distill")
     _need_train_extra("training")
     from .dataset import list_items, read_split
     from .model.train import TrainConfig, run_training
@@ -158,6 +166,32 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
         click.echo(f"member {row['member']} epoch {row['epoch']:>3}/{row['epochs']}  loss {row['loss']:.3f}  lr {row['lr']:.2e}{val}  {row['seconds']:.1f}s", err=True)
 
     summary = {"source": str(root.resolve()), "train": tr.summary(), "valid": va.summary() if va else None}
+    if teacher and distill:
+        from .teacher.checkpoint import TeacherUnavailable
+        from .teacher.distill import DistillConfig, load_extra, run_distillation
+
+        dc = DistillConfig(seed=cfg.seed, epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, mixup_alpha=cfg.mixup_alpha, arch=cfg.arch)
+        if not masks:
+            dc.time_masks = dc.freq_masks = 0
+        for key, value in {"tag_weight": tag_weight, "penultimate_weight": penultimate_weight}.items():
+            if value is not None:
+                setattr(dc, key, value)
+        try:
+            extra = load_extra([Path(p) for p in extra_paths])
+        except (OSError, ValueError) as exc:
+            fail(str(exc))
+        summary["extra"] = [str(Path(p).resolve()) for p in extra_paths]
+        try:
+            bundle, metrics = run_distillation(
+                tr, va, extra, dc, out, name=name or out.name, data_summary=summary, cache_dir=cache.parent / "teacher-cache",
+                progress=lambda s: click.echo(s, err=True),
+            )
+        except TeacherUnavailable as exc:
+            fail(str(exc))
+        click.echo(f"saved {bundle.path} (sha256 {bundle.sha256[:12]})")
+        if "valid" in metrics:
+            click.echo(f"valid accuracy {metrics['valid']['accuracy']:.2%} on {metrics['valid']['n']} clips; tag agreement with the teacher {metrics['valid_tag_agreement']:.3f}")
+        return
     if teacher:
         from .teacher.branch import HeadConfig, run_branch_training
         from .teacher.checkpoint import TeacherUnavailable

@@ -94,6 +94,9 @@ class DaemonConfig:
     backoff_base: float = 30.0
     stale_claim_seconds: float = 120.0
     upkeep_minutes: float = 60.0
+    #: After this many seconds with nothing to do, stop the decode processes and drop the
+    #: model's working memory (both return on the next file); 0 keeps them loaded.
+    idle_release: float = 60.0
     ignore_patterns: list[str] = field(
         default_factory=lambda: ["*.part", "*.crdownload", "*.tmp", "*~", ".*", "*.download", "*.partial"]
     )

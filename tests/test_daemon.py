@@ -782,6 +782,33 @@ def test_sigterm_exits_0_and_keeps_the_queue(env: Env, flac: Path):
     assert len(job_rows(db)) == 9  # the jobs kept over the restart were run, not duplicated
 
 
+def children(pid: int) -> list[str]:
+    """Command lines of a process's children."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                with contextlib.suppress(OSError):
+                    out.append(Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+    return out
+
+
+def test_idle_daemon_releases_the_model_and_decoders_and_gets_them_back(env: Env, flac: Path):
+    """After idle_release seconds with nothing to do, the decode processes and the fork server
+    are gone; the next file brings them back and is tagged as usual."""
+    env.write_config(idle_release=1.0)
+    d = env.start()
+    d.wait_log(r"INFO tagger\.worker: idle for 1 s: stopped the decode processes", 30)
+    wait_until(lambda: not any("forkserver" in c or "spawn_main" in c for c in children(d.pid)), 10, "decode processes and fork server gone", proc=d)
+    releases = d.text().count("idle for 1 s")
+    paths = [str(shutil.copyfile(flac, env.music / f"{k}.flac")) for k in range(3)]  # several: the pool is used
+    wait_until(lambda: all(statuses(env.db).get(p) == "tagged" for p in paths), 60, "tagged after the release", proc=d)
+    wait_until(lambda: d.text().count("idle for 1 s") > releases, 30, "released again after the work", proc=d)
+    assert d.stop() == 0
+    assert set(tag_counts(env.db).values()) == {1}
+    assert "Traceback" not in d.text()
+
+
 @pytest.mark.slow
 def test_polling_fallback_when_inotify_is_disabled_by_config(env: Env, flac: Path):
     env.write_config(polling_folders=[env.music])

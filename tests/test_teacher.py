@@ -179,3 +179,106 @@ def test_shipped_bundle_runs_without_musicnn_tensorflow_or_keras(shared_audio):
     assert out.returncode == 0, out.stderr[-2000:]
     genre, dim = out.stdout.split()
     assert genre == "metal" and int(dim) > 0
+
+
+def test_patch_starts_follow_the_teacher_patches():
+    """Crop boundaries fall where the teacher's 3-s patches start: a crop's target is its patches' pooling."""
+    from tagger.teacher.distill import patch_starts
+
+    b = patch_starts()
+    assert b[0] == 0 and len(b) == br.PATCHES_PER_WINDOW + 1
+    t = br.column_times()
+    patch_s = br.PATCH_FRAMES * br.TEACHER_HOP / br.TEACHER_SAMPLE_RATE
+    for p in range(1, br.PATCHES_PER_WINDOW):
+        # the first column of patch p shows a time inside patch p, the column before it does not
+        assert p * patch_s <= t[b[p]] < (p + 1) * patch_s
+        assert t[b[p] - 1] < p * patch_s
+    widths = np.diff(b)
+    assert widths.min() >= 38 and widths.max() <= 40
+
+
+def test_crop_targets_pool_the_covered_patches():
+    from tagger.teacher.distill import crop_targets
+
+    per = np.arange(2 * 10 * 3, dtype=np.float32).reshape(2, 10, 3)
+    got = crop_targets(per, np.array([0, 6]), 4)
+    np.testing.assert_allclose(got[0], per[0, 0:4].mean(0))
+    np.testing.assert_allclose(got[1], per[1, 6:10].mean(0))
+
+
+def test_distill_batch_labels_only_labelled_windows():
+    """Unlabelled windows add no genre loss; the genre targets average over the labelled part."""
+    from tagger.teacher.distill import DistillConfig, distill_batch, patch_starts
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(6, features.N_MELS, features.N_COLUMNS), dtype=np.uint8)
+    y = np.array([0, 2, -1, -1, 1, -1])
+    tags = rng.random((6, 10, 50)).astype(np.float16)
+    pen = rng.standard_normal((6, 10, 200)).astype(np.float16)
+    cfg = DistillConfig(mixup_alpha=0.0, time_masks=0, freq_masks=0)
+    xb, (genre, t_tags, t_pen) = distill_batch(x, y, tags, pen, 3, cfg, rng, patch_starts())
+    assert xb.dtype == np.uint8 and xb.shape[:2] == (6, features.N_MELS) and 150 <= xb.shape[2] <= 160
+    assert np.all(genre[y < 0] == 0)
+    np.testing.assert_allclose(genre.sum(), 6.0, rtol=1e-5)  # mean over the 3 labelled rows, times the batch of 6
+    assert np.argmax(genre[0]) == 0 and np.argmax(genre[1]) == 2 and np.argmax(genre[4]) == 1
+    # each crop's tag target is the mean of exactly the teacher patches it shows
+    b = patch_starts()
+    for i in range(6):
+        first = [p for p in range(7) if np.array_equal(xb[i], x[i, :, b[p] : b[p] + xb.shape[2]])]
+        assert first, "crop not aligned to a patch start"
+        np.testing.assert_allclose(t_tags[i], tags[i, first[0] : first[0] + 4].astype(np.float32).mean(0), rtol=1e-5)
+
+
+@needs_musicnn
+def test_distilled_route_trains_a_plain_densenet(tmp_path, shared_png):
+    """``tagger train --teacher musicnn --distill --extra`` end to end: cached teacher targets, a DenseNet bundle."""
+    from click.testing import CliRunner
+
+    from tagger.cli import main
+    from tagger.features import decode_png
+    from tagger.model.bundle import load_bundle
+    from tagger.teacher.branch import PatchCache
+
+    data = tmp_path / "png"
+    (data / "splits").mkdir(parents=True)
+    train, valid = [], []
+    for genre in ("classical", "metal"):
+        (data / genre).mkdir()
+        for k, png in enumerate(sorted((shared_png / genre).glob("*.png"))[:4]):
+            (data / genre / png.name).symlink_to(png)
+            (train if k < 3 else valid).append(f"{genre}/{png.stem}")
+    (data / "splits" / "train.txt").write_text("\n".join(train) + "\n")
+    (data / "splits" / "valid.txt").write_text("\n".join(valid) + "\n")
+    # unlabelled windows: two blues clips, passed as an extra .npz
+    extra = np.stack([decode_png(p) for p in sorted((shared_png / "blues").glob("*.png"))[:2]])
+    np.savez(tmp_path / "extra.npz", levels=extra)
+    out = tmp_path / "student"
+    args = ["train", str(data), "--valid", str(data / "splits" / "valid.txt"), "--teacher", "musicnn", "--distill",
+            "--extra", str(tmp_path / "extra.npz"), "--epochs", "2", "--arch", '{"blocks": [2, 2], "growth": 8}', "--out", str(out)]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "tag agreement with the teacher" in result.output
+    bundle = load_bundle(out)
+    assert bundle.meta["training"]["route"].startswith("DenseNet distilled from musicnn")
+    assert bundle.meta["training"]["data"]["unlabelled_windows"] == 2
+    # the bundle is the student's DenseNet alone: no teacher layers, genre probabilities out
+    names = {layer.name for layer in bundle.keras_model().layers}
+    assert "levels_norm" in names and not any("musicnn" in n or "bridge" in n or n.startswith("teacher_") for n in names)
+    genre, _ = bundle.model.run(extra)
+    np.testing.assert_allclose(genre.sum(axis=1), 1.0, atol=1e-5)
+    # the teacher's targets were cached per patch, for the extra windows too
+    tags, pen = PatchCache(tmp_path / "teacher-cache").outputs(extra, names=("tags", "penultimate"))
+    assert tags.shape == (2, 10, 50) and pen.shape == (2, 10, 200) and tags.min() > 0 and tags.max() < 1
+    assert len(list((tmp_path / "teacher-cache").glob("*.npz"))) == 8  # 6 training + 2 extra windows, computed once
+    # rerunning resumes from the per-epoch checkpoint instead of starting over
+    again = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert again.exit_code == 0 and "student epoch" not in again.output
+
+
+def test_distill_options_need_the_teacher(tmp_path, shared_png):
+    from click.testing import CliRunner
+
+    from tagger.cli import main
+
+    result = CliRunner().invoke(main, ["train", str(shared_png), "--distill", "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "--distill and --extra need --teacher musicnn" in result.output

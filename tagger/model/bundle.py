@@ -68,6 +68,19 @@ class Bundle:
                 raise BundleError(f"{self.path}: cannot load {ONNX_FILE}: {exc}") from exc
         return self._model
 
+    def release(self) -> bool:
+        """Drop the ONNX Runtime session and its working memory; :attr:`model` makes it again."""
+        if self._model is None:
+            return False
+        self._model = None
+        import gc
+
+        from .runtime import trim_heap
+
+        gc.collect()
+        trim_heap()
+        return True
+
     def keras_model(self):
         """The Keras model (training side: needs the ``train`` extra)."""
         from .export import load_keras

@@ -94,6 +94,18 @@ def _worker_init(mel_basis: np.ndarray | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _stop_forkserver() -> None:
+    """End multiprocessing's fork server (it outlives the pool; the next pool starts a new one)."""
+    import contextlib
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    stop = getattr(server, "_stop", None)  # CPython 3.8+: ends the server and resets it
+    if stop is not None:
+        with contextlib.suppress(Exception):
+            stop()
+
+
 class Classifier:
     """Holds a loaded bundle and a decode pool; reused by ``scan`` and the daemon."""
 
@@ -132,6 +144,19 @@ class Classifier:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+    def release(self) -> bool:
+        """Stop the decode processes (and their fork server) and drop the model session.
+
+        For a daemon that sits idle: both come back on the next file (the session in
+        a fraction of a second, the decode processes in a second or two). Returns
+        whether anything was held.
+        """
+        held = self._pool is not None
+        self.close()
+        if held:
+            _stop_forkserver()
+        return self.bundle.release() or held
 
     def __enter__(self) -> Classifier:
         return self

@@ -33,6 +33,19 @@ CPU = "CPUExecutionProvider"
 CPU_CHUNK = 4
 
 
+def trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc keeps it for reuse otherwise).
+
+    Called after a session is dropped, so that an idle daemon's resident memory
+    falls back to what it holds, not to what it once needed. A no-op elsewhere.
+    """
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
 class RuntimeLoadError(Exception):
     """``model.onnx`` cannot be loaded or is not the model tagger expects."""
 
@@ -79,6 +92,12 @@ class OnnxModel:
                 ort.preload_dlls()
         so = ort.SessionOptions()
         so.enable_cpu_mem_arena = arena
+        if CUDA not in providers:
+            # No pre-planned block for every intermediate tensor at once: tensors come from
+            # the arena as they are needed and go back to it, so peak memory follows the
+            # live tensors (the musicnn branch: 164 MB instead of 248 for a window, at
+            # the same speed; /tmp-free figures in benchmarks/daemon_memory.py).
+            so.enable_mem_pattern = False
         so.log_severity_level = 3  # errors only: its warnings are about graph details, not ours
         # The decode workers need the cores while the model waits for windows: threads that
         # spin between batches would take CPU from them.

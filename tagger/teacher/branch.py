@@ -62,11 +62,16 @@ def window_features(mean_pool: np.ndarray, max_pool: np.ndarray, patches: int) -
     return np.concatenate([per.mean(axis=1), per.max(axis=1)], axis=-1)
 
 
+#: What the teacher cache keeps of every patch: the branch's features and the distillation targets.
+PATCH_OUTPUTS = ("mean_pool", "max_pool", "tags", "penultimate")
+
+
 class PatchCache:
     """The teacher's per-patch outputs for windows, computed once and kept on disk.
 
     Keyed by the window's bytes and the bridge gain, so the same window is never
-    run through the teacher twice, whatever the split or the crop.
+    run through the teacher twice, whatever the split, the crop or the route
+    (the frozen branch reads the pools, distillation the tags and penultimate).
     """
 
     def __init__(self, cache_dir: Path | None, log10_gain: float = br.DEFAULT_LOG10_GAIN):
@@ -92,39 +97,47 @@ class PatchCache:
             x = b(inp)
             b.set_matrices()
             out = musicnn(x)
-            self._net = keras.Model(inp, [out["mean_pool"], out["max_pool"]])
+            self._net = keras.Model(inp, [out[k] for k in PATCH_OUTPUTS])
         return self._net
 
-    def outputs(self, x: np.ndarray, progress: Callable[[int, int], None] | None = None, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
-        """``(N, 10, 753)`` mean_pool and max_pool of every window of ``x``."""
+    def outputs(
+        self,
+        x: np.ndarray,
+        progress: Callable[[int, int], None] | None = None,
+        batch: int = 8,
+        names: tuple[str, ...] = ("mean_pool", "max_pool"),
+    ) -> tuple[np.ndarray, ...]:
+        """``(N, 10, D)`` per-patch outputs ``names`` (of ``PATCH_OUTPUTS``) of every window of ``x``."""
         n = len(x)
-        mean = np.zeros((n, br.PATCHES_PER_WINDOW, 753), np.float16)
-        mx = np.zeros_like(mean)
+        dims = dict(zip(PATCH_OUTPUTS, (753, 753, 50, 200), strict=True))
+        out = {k: np.zeros((n, br.PATCHES_PER_WINDOW, dims[k]), np.float16) for k in names}
         keys = [self._key(w) for w in x]
         todo = []
         for i, k in enumerate(keys):
             f = self.dir / f"{k}.npz" if self.dir else None
             if f is not None and f.exists():
                 with np.load(f) as z:
-                    mean[i], mx[i] = z["mean_pool"], z["max_pool"]
-            else:
-                todo.append(i)
+                    if all(name in z.files for name in names):
+                        for name in names:
+                            out[name][i] = z[name]
+                        continue
+            todo.append(i)
         if self.dir:
             self.dir.mkdir(parents=True, exist_ok=True)
         for s in range(0, len(todo), batch):
             idx = todo[s : s + batch]
-            a, b = self._model().predict_on_batch(x[idx])
-            a = np.asarray(a).reshape(len(idx), br.PATCHES_PER_WINDOW, -1)
-            b = np.asarray(b).reshape(len(idx), br.PATCHES_PER_WINDOW, -1)
+            got = [np.asarray(a).reshape(len(idx), br.PATCHES_PER_WINDOW, -1) for a in self._model().predict_on_batch(x[idx])]
             for j, i in enumerate(idx):
-                mean[i], mx[i] = a[j], b[j]
+                per = {name: a[j].astype(np.float16) for name, a in zip(PATCH_OUTPUTS, got, strict=True)}
+                for name in names:
+                    out[name][i] = per[name]
                 if self.dir:
                     tmp = self.dir / f".{keys[i]}.{os.getpid()}.tmp.npz"
-                    np.savez(tmp, mean_pool=a[j].astype(np.float16), max_pool=b[j].astype(np.float16))
+                    np.savez(tmp, **per)
                     os.replace(tmp, self.dir / f"{keys[i]}.npz")
             if progress:
                 progress(min(s + batch, len(todo)), len(todo))
-        return mean, mx
+        return tuple(out[name] for name in names)
 
 
 @dataclass
@@ -283,6 +296,6 @@ def run_branch_training(
         "parameters": int(model.count_params()),
     }
     # On the CPU one window (``patches`` teacher patches) per ONNX Runtime call: the
-    # session keeps memory for its largest call, about 300 MB a window here.
+    # session keeps memory for its largest call (about 100 MB a window here).
     bundle = save_bundle(out_dir, model, train.labels, name=name, training=training, metrics=metrics, extra={"embedding_dim": int(head.components.shape[0]), "runtime": {"cpu_chunk": 1}})
     return bundle, metrics

@@ -1,0 +1,314 @@
+"""The distilled route: a DenseNet student that learns to hear like musicnn.
+
+The student sees only our representation; at scan time it is a plain DenseNet
+(no teacher, DenseNet speed). During training it is asked, for every crop, to
+reproduce what the teacher heard in the 3-second patches that crop covers:
+
+- the teacher's 50 tag probabilities, pooled (mean) over those patches — soft
+  binary cross-entropy;
+- the teacher's 200-unit penultimate layer, pooled the same way and standardised
+  — mean squared error;
+
+and, where the window has a genre label, the genre (cross-entropy, label
+smoothing, mixup — the DenseNet recipe of ``tagger.model.train``). Windows with
+no label (e.g. ``../shared/data/extra-music``) teach through the teacher's
+targets only. Crops start and end on patch boundaries so each crop's target is
+exactly the pooling of cached per-patch outputs (``PatchCache``).
+
+Training-side only (Keras/TensorFlow and the teacher's checkpoint); the bundle it
+writes is an ordinary DenseNet bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import features
+from ..dataset import Dataset
+from . import bridge as br
+
+N_TAGS = 50
+N_PENULTIMATE = 200
+
+
+@dataclass
+class DistillConfig:
+    """Everything that decides a distillation run; saved in the bundle."""
+
+    epochs: int = 60
+    batch_size: int = 32
+    #: crop width in teacher patches (4 patches ≈ 12 s ≈ 155 columns, like the DenseNet's 160-column crop)
+    crop_patches: int = 4
+    learning_rate: float = 2e-3
+    warmup_epochs: int = 3
+    label_smoothing: float = 0.1
+    mixup_alpha: float = 0.3
+    time_masks: int = 2
+    time_mask_width: int = 24
+    freq_masks: int = 2
+    freq_mask_width: int = 16
+    ema_momentum: float = 0.99
+    genre_weight: float = 1.0
+    tag_weight: float = 10.0
+    penultimate_weight: float = 1.0
+    seed: int = 1234
+    log10_gain: float = br.DEFAULT_LOG10_GAIN
+    arch: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def patch_starts() -> np.ndarray:
+    """Column where each of the window's ten teacher patches starts, plus the end (11 values)."""
+    t = br.column_times()
+    bounds = np.arange(br.PATCHES_PER_WINDOW + 1) * br.PATCH_FRAMES * br.TEACHER_HOP / br.TEACHER_SAMPLE_RATE
+    cols = np.searchsorted(t, bounds - 1e-9)
+    return np.minimum(cols, features.N_COLUMNS)
+
+
+def crop_targets(per_patch: np.ndarray, first: np.ndarray, n_patches: int) -> np.ndarray:
+    """Mean of ``per_patch[i, first[i] : first[i] + n_patches]`` for every window ``i``: a crop's target."""
+    idx = first[:, None] + np.arange(n_patches)[None, :]
+    return np.take_along_axis(per_patch, idx[:, :, None], axis=1).astype(np.float32).mean(axis=1)
+
+
+def distill_batch(
+    x: np.ndarray,
+    y: np.ndarray,
+    tags: np.ndarray,
+    pen: np.ndarray,
+    n_classes: int,
+    cfg: DistillConfig,
+    rng: np.random.Generator,
+    bounds: np.ndarray,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Patch-aligned crops + masks + mixup; targets ``[genre, tags, penultimate]``.
+
+    ``y`` is -1 for an unlabelled window: its genre target is all zeros, so it adds
+    nothing to the cross-entropy. The genre targets are rescaled so the genre loss
+    is the mean over the labelled part of the batch, whatever that part's size.
+    """
+    n = len(x)
+    first = rng.integers(0, br.PATCHES_PER_WINDOW - cfg.crop_patches + 1, size=n)
+    width = int(np.max(bounds[cfg.crop_patches:] - bounds[: -cfg.crop_patches]))
+    starts = np.minimum(bounds[first], features.N_COLUMNS - width)
+    out = np.stack([x[i, :, s : s + width] for i, s in enumerate(starts)]).astype(np.float32)
+    bands = out.shape[1]
+    for i in range(n):
+        for _ in range(cfg.time_masks):
+            w = int(rng.integers(0, cfg.time_mask_width + 1))
+            s = int(rng.integers(0, width - w + 1))
+            out[i, :, s : s + w] = 0.0
+        for _ in range(cfg.freq_masks):
+            w = int(rng.integers(0, cfg.freq_mask_width + 1))
+            s = int(rng.integers(0, bands - w + 1))
+            out[i, s : s + w, :] = 0.0
+    genre = np.zeros((n, n_classes), np.float32)
+    lab = y >= 0
+    genre[lab] = cfg.label_smoothing / n_classes
+    genre[np.flatnonzero(lab), y[lab]] += 1.0 - cfg.label_smoothing
+    t_tags = crop_targets(tags, first, cfg.crop_patches)
+    t_pen = crop_targets(pen, first, cfg.crop_patches)
+    if cfg.mixup_alpha > 0:
+        lam = rng.beta(cfg.mixup_alpha, cfg.mixup_alpha, size=n).astype(np.float32)
+        lam = np.maximum(lam, 1 - lam)
+        perm = rng.permutation(n)
+
+        def mix(a: np.ndarray) -> np.ndarray:
+            w = lam.reshape(-1, *([1] * (a.ndim - 1)))
+            return w * a + (1 - w) * a[perm]
+
+        out, genre, t_tags, t_pen = mix(out), mix(genre), mix(t_tags), mix(t_pen)
+    mass = float(genre.sum())
+    if mass > 0:
+        genre *= n / mass
+    return np.rint(out).astype(np.uint8), [genre, t_tags, t_pen]
+
+
+def build_student(n_classes: int, cfg: DistillConfig, band_mean, band_std):
+    """The DenseNet with two extra heads on its pooled features: tags (sigmoid) and penultimate (linear)."""
+    import keras
+    from keras import layers
+
+    from ..model.densenet import DenseNetConfig, build_densenet
+
+    base = build_densenet(n_classes, DenseNetConfig.from_dict(cfg.arch) if cfg.arch else None, band_mean=band_mean, band_std=band_std)
+    feat = base.get_layer("dropout").output
+    tags = layers.Dense(N_TAGS, activation="sigmoid", name="teacher_tags", dtype="float32")(feat)
+    pen = layers.Dense(N_PENULTIMATE, name="teacher_penultimate", dtype="float32")(feat)
+    return base, keras.Model(base.input, [base.output, tags, pen], name="student")
+
+
+def _predict_all(model, x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
+    parts = [model(x[i : i + batch], training=False) for i in range(0, len(x), batch)]
+    return [np.concatenate([np.asarray(p[k]) for p in parts]) for k in range(len(parts[0]))]
+
+
+def tag_agreement(student_tags: np.ndarray, teacher_tags: np.ndarray) -> float:
+    """Mean over the 50 tags of the correlation, across windows, between student and teacher.
+
+    Across windows, not across tags: matching the teacher's average tag profile
+    (rock high, polka low) scores nothing; telling windows apart as it does scores.
+    """
+    a = student_tags - student_tags.mean(axis=0, keepdims=True)
+    b = teacher_tags - teacher_tags.mean(axis=0, keepdims=True)
+    return float(np.mean((a * b).sum(0) / (np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=0) + 1e-9)))
+
+
+def run_distillation(
+    train: Dataset,
+    valid: Dataset | None,
+    extra: np.ndarray,
+    cfg: DistillConfig,
+    out_dir: Path,
+    *,
+    name: str,
+    data_summary: dict,
+    cache_dir: Path | None,
+    progress: Callable[[str], None] | None = None,
+):
+    """Teacher targets (cached), student training (checkpointed per epoch), evaluation, bundle.
+
+    ``extra``: unlabelled windows ``(M, 128, 387)`` uint8 that teach through the
+    teacher only. Valid is watched every 5 epochs and never selects anything: the
+    last epoch's averaged weights are kept.
+    """
+    from .. import quiet
+
+    quiet.load_backend()
+    import keras
+
+    from ..model.bundle import save_bundle
+    from ..model.evaluate import plot_confusion, plot_curves, report_from
+    from ..model.train import (
+        EMA,
+        TrainConfig,
+        _load_checkpoint,
+        _lr_at,
+        _save_checkpoint,
+        band_stats,
+        clip_accuracy,
+        recalibrate_bn,
+    )
+    from .branch import PatchCache
+
+    say = progress or (lambda s: None)
+    t_start = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    x = np.concatenate([train.x, extra]) if len(extra) else train.x
+    y = np.concatenate([train.y, np.full(len(extra), -1, np.int64)]) if len(extra) else train.y.astype(np.int64)
+    cache = PatchCache(cache_dir, cfg.log10_gain)
+    say(f"teacher targets of {len(x)} windows ({len(train.x)} labelled, {len(extra)} unlabelled; cached in {cache_dir})")
+    tags, pen = cache.outputs(x, names=("tags", "penultimate"), progress=lambda i, n: say(f"  {i}/{n}") if i % 128 == 0 or i == n else None)
+    pen32 = pen.astype(np.float32).reshape(-1, N_PENULTIMATE)
+    pen_mean, pen_std = pen32.mean(0), pen32.std(0) + 1e-3
+    pen_z = ((pen.astype(np.float32) - pen_mean) / pen_std).astype(np.float16)
+    teacher_seconds = time.time() - t_start
+
+    keras.utils.set_random_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    n_classes = len(train.labels)
+    mean, std = band_stats(x)
+    base, student = build_student(n_classes, cfg, mean, std)
+    steps = max(1, math.ceil(len(x) / cfg.batch_size))
+    total = steps * cfg.epochs
+    optimizer = keras.optimizers.Adam(learning_rate=cfg.learning_rate)
+    student.compile(
+        optimizer=optimizer,
+        loss=[keras.losses.CategoricalCrossentropy(), keras.losses.BinaryCrossentropy(), keras.losses.MeanSquaredError()],
+        loss_weights=[cfg.genre_weight, cfg.tag_weight, cfg.penultimate_weight],
+    )
+    ema = EMA(student, cfg.ema_momentum)
+    bn_cfg = TrainConfig(crop=int(patch_starts()[cfg.crop_patches]))
+    ckpt_dir = out_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = ckpt_dir / f"student{cfg.seed}.ckpt.npz"
+    history: list[dict] = []
+    start_epoch = 0
+    if ckpt.exists():
+        start_epoch, history, _ = _load_checkpoint(ckpt, student, ema)
+    bounds = patch_starts()
+    valid_tags = None
+    if valid is not None:
+        (valid_tags,) = cache.outputs(valid.x, names=("tags",))
+        valid_tags = valid_tags.astype(np.float32).mean(axis=1)
+    def evaluate(row: dict) -> None:
+        ema.swap()
+        saved = [np.array(v.numpy()) for v in student.non_trainable_variables]
+        recalibrate_bn(student, x, bn_cfg, rng, batches=8)
+        probs, stags, _ = _predict_all(student, valid.x)
+        row["val_accuracy"] = clip_accuracy(probs, valid)
+        row["val_tag_agreement"] = tag_agreement(stags, valid_tags)
+        for v, s in zip(student.non_trainable_variables, saved, strict=True):
+            v.assign(s)
+        ema.swap()
+
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        order = rng.permutation(len(x))
+        losses = []
+        for s in range(steps):
+            idx = np.sort(order[s * cfg.batch_size : (s + 1) * cfg.batch_size])
+            if len(idx) < 2:
+                continue
+            optimizer.learning_rate = _lr_at(epoch * steps + s, total, cfg.warmup_epochs * steps, cfg.learning_rate)
+            xb, targets = distill_batch(x[idx], y[idx], tags[idx], pen_z[idx], n_classes, cfg, rng, bounds)
+            r = student.train_on_batch(xb, targets)
+            losses.append([float(v) for v in np.atleast_1d(np.asarray(r, dtype=np.float64))])
+            ema.update()
+        mean_loss = np.mean(np.array(losses), axis=0)
+        row = {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": float(mean_loss[0]), "lr": float(optimizer.learning_rate.numpy())}
+        if valid is not None and ((epoch + 1) % 5 == 0 or epoch + 1 == cfg.epochs):
+            evaluate(row)
+        row["seconds"] = round(time.time() - t0, 2)
+        history.append(row)
+        val = f"  valid {row['val_accuracy']:.1%}  tag agreement {row['val_tag_agreement']:.3f}" if "val_accuracy" in row else ""
+        say(f"student epoch {row['epoch']:>3}/{cfg.epochs}  loss {row['loss']:.3f}  lr {row['lr']:.2e}{val}  {row['seconds']:.1f}s")
+        _save_checkpoint(ckpt, epoch + 1, student, ema, history, (-1.0, None, None))
+    ema.swap()
+    recalibrate_bn(student, x, bn_cfg, rng)
+    metrics: dict = {}
+    if valid is not None:
+        probs, stags, _ = _predict_all(student, valid.x)
+        report = report_from(probs, valid, train.labels)
+        metrics["valid"] = report.to_json()
+        metrics["valid_tag_agreement"] = tag_agreement(stags, valid_tags)
+        plot_confusion(report, out_dir / "confusion.png", title=f"valid accuracy {report.accuracy:.1%} (n={report.n})")
+    plot_curves([history], out_dir / "curves.png")
+    training = {
+        "data": {**data_summary, "unlabelled_windows": int(len(extra))},
+        "route": "DenseNet distilled from musicnn (tags + penultimate) with genre labels",
+        "config": cfg.to_dict(),
+        "teacher": {"model": "MSD_musicnn (musicnn 0.1.0, ISC licence)", "seconds": round(teacher_seconds, 1)},
+        "epochs_run": len(history),
+        "seconds": round(sum(r["seconds"] for r in history), 1),
+        "parameters": int(base.count_params()),
+        "backend": keras.backend.backend(),
+    }
+    (out_dir / "history.json").write_text(json.dumps([history]))
+    # The shipped model is the DenseNet alone: the teacher heads only served training.
+    bundle = save_bundle(out_dir, base, train.labels, name=name, training=training, metrics=metrics)
+    return bundle, metrics
+
+
+def load_extra(paths: list[Path]) -> np.ndarray:
+    """Unlabelled windows from ``.npz`` files holding ``levels`` ``(N, 128, 387)`` uint8 (``extra-music/windows.npz``)."""
+    parts = []
+    for p in paths:
+        with np.load(p) as z:
+            if "levels" not in z.files:
+                raise ValueError(f"{p}: no 'levels' array (expected windows.npz with levels (N, {features.N_MELS}, {features.N_COLUMNS}) uint8)")
+            a = z["levels"]
+        if a.dtype != np.uint8 or a.ndim != 3 or a.shape[1:] != (features.N_MELS, features.N_COLUMNS):
+            raise ValueError(f"{p}: levels are {a.dtype} {a.shape}, expected uint8 (N, {features.N_MELS}, {features.N_COLUMNS})")
+        parts.append(a)
+    return np.concatenate(parts) if parts else np.zeros((0, features.N_MELS, features.N_COLUMNS), np.uint8)
