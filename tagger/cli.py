@@ -110,6 +110,14 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
         fail("--distill and --extra need --teacher musicnn")
     if extra_paths and not distill:
         fail("--extra is used only with --distill")
+    extra = None
+    if extra_paths:
+        from .teacher.distill import load_extra
+
+        try:
+            extra = load_extra([Path(p) for p in extra_paths])
+        except (OSError, ValueError) as exc:
+            fail(str(exc))
     _need_train_extra("training")
     from .dataset import list_items, read_split
     from .model.train import TrainConfig, run_training
@@ -176,10 +184,8 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
         for key, value in {"tag_weight": tag_weight, "penultimate_weight": penultimate_weight}.items():
             if value is not None:
                 setattr(dc, key, value)
-        try:
-            extra = load_extra([Path(p) for p in extra_paths])
-        except (OSError, ValueError) as exc:
-            fail(str(exc))
+        if extra is None:
+            extra = load_extra([])
         summary["extra"] = [str(Path(p).resolve()) for p in extra_paths]
         try:
             bundle, metrics = run_distillation(

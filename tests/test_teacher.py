@@ -282,3 +282,8 @@ def test_distill_options_need_the_teacher(tmp_path, shared_png):
 
     result = CliRunner().invoke(main, ["train", str(shared_png), "--distill", "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "--distill and --extra need --teacher musicnn" in result.output
+    np.savez(tmp_path / "bad.npz", windows=np.zeros((2, 128, 387), np.uint8))
+    args = ["train", str(shared_png), "--teacher", "musicnn", "--distill", "--extra", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "x")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "bad.npz: no 'levels' array" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "x").exists()
