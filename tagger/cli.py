@@ -101,8 +101,9 @@ def main(ctx: click.Context, config_file: str | None, verbose: int) -> None:
 @click.option("--extra", "extra_paths", type=click.Path(exists=True, dir_okay=False), multiple=True, help="With --distill: unlabelled windows (.npz with 'levels', e.g. ../shared/data/extra-music/windows.npz) that teach through the teacher only. Repeatable.")
 @click.option("--tag-weight", type=float, default=None, help="With --distill: weight of the teacher-tag loss (default 10).")
 @click.option("--penultimate-weight", type=float, default=None, help="With --distill: weight of the teacher-penultimate loss (default 1).")
+@click.option("--labelled-per-batch", type=click.IntRange(1), default=None, help="With --distill and --extra: labelled windows in each batch, the rest unlabelled (default 12 of 32).")
 @pass_ctx
-def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, members, crop, batch_size, learning_rate, patience, seed, select, arch_json, out_dir, cache_dir, name, jobs, mixup, masks, teacher, densenet_bundle, densenet_weight, patches, embedding_dim, head_c, distill, extra_paths, tag_weight, penultimate_weight) -> None:
+def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, members, crop, batch_size, learning_rate, patience, seed, select, arch_json, out_dir, cache_dir, name, jobs, mixup, masks, teacher, densenet_bundle, densenet_weight, patches, embedding_dim, head_c, distill, extra_paths, tag_weight, penultimate_weight, labelled_per_batch) -> None:
     """Train a genre model on DATA (PNG layout or <genre>/ audio folders)."""
     import numpy as np
 
@@ -181,7 +182,7 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
         dc = DistillConfig(seed=cfg.seed, epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, mixup_alpha=cfg.mixup_alpha, arch=cfg.arch)
         if not masks:
             dc.time_masks = dc.freq_masks = 0
-        for key, value in {"tag_weight": tag_weight, "penultimate_weight": penultimate_weight}.items():
+        for key, value in {"tag_weight": tag_weight, "penultimate_weight": penultimate_weight, "labelled_per_batch": labelled_per_batch}.items():
             if value is not None:
                 setattr(dc, key, value)
         if extra is None:

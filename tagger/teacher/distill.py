@@ -55,6 +55,9 @@ class DistillConfig:
     freq_masks: int = 2
     freq_mask_width: int = 16
     ema_momentum: float = 0.99
+    #: labelled windows in every batch (the rest unlabelled), so the genre loss always
+    #: averages over as many windows, whatever the mix of the data
+    labelled_per_batch: int = 12
     genre_weight: float = 1.0
     tag_weight: float = 10.0
     penultimate_weight: float = 1.0
@@ -131,6 +134,35 @@ def distill_batch(
     if mass > 0:
         genre *= n / mass
     return np.rint(out).astype(np.uint8), [genre, t_tags, t_pen]
+
+
+class BatchPlan:
+    """Which windows make each batch: ``labelled`` labelled ones (cycling through them)
+    and the rest unlabelled; an epoch is one pass over the unlabelled windows (over the
+    labelled ones when there are none). Indices: labelled first, then unlabelled."""
+
+    def __init__(self, n_labelled: int, n_unlabelled: int, batch_size: int, labelled: int):
+        self.n_lab, self.n_unl = n_labelled, n_unlabelled
+        self.lab = min(labelled, batch_size) if n_unlabelled else batch_size
+        self.unl = batch_size - self.lab
+        self.steps = max(1, math.ceil((n_unlabelled / self.unl) if n_unlabelled and self.unl else n_labelled / batch_size))
+        self._lab_order: list[int] = []
+
+    def _labelled(self, rng: np.random.Generator, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k and self.n_lab:
+            if not self._lab_order:
+                self._lab_order = list(rng.permutation(self.n_lab))
+            out.append(int(self._lab_order.pop()))
+        return out
+
+    def epoch(self, rng: np.random.Generator):
+        unl = rng.permutation(self.n_unl) + self.n_lab if self.n_unl else np.zeros(0, np.int64)
+        for s in range(self.steps):
+            part = unl[s * self.unl : (s + 1) * self.unl] if self.n_unl else np.zeros(0, np.int64)
+            idx = np.sort(np.concatenate([np.array(self._labelled(rng, self.lab), np.int64), part.astype(np.int64)]))
+            if len(idx) >= 2:
+                yield idx
 
 
 def build_student(n_classes: int, cfg: DistillConfig, band_mean, band_std):
@@ -210,7 +242,9 @@ def run_distillation(
     say(f"teacher targets of {len(x)} windows ({len(train.x)} labelled, {len(extra)} unlabelled; cached in {cache_dir})")
     tags, pen = cache.outputs(x, names=("tags", "penultimate"), progress=lambda i, n: say(f"  {i}/{n}") if i % 128 == 0 or i == n else None)
     pen32 = pen.astype(np.float32).reshape(-1, N_PENULTIMATE)
-    pen_mean, pen_std = pen32.mean(0), pen32.std(0) + 1e-3
+    # A floor on each unit's scale: a nearly dead unit would otherwise turn its rare
+    # activations into targets of 80 standard deviations and swamp the loss.
+    pen_mean, pen_std = pen32.mean(0), np.maximum(pen32.std(0), 0.25 * float(np.median(pen32.std(0))) + 1e-6)
     pen_z = ((pen.astype(np.float32) - pen_mean) / pen_std).astype(np.float16)
     teacher_seconds = time.time() - t_start
 
@@ -219,7 +253,8 @@ def run_distillation(
     n_classes = len(train.labels)
     mean, std = band_stats(x)
     base, student = build_student(n_classes, cfg, mean, std)
-    steps = max(1, math.ceil(len(x) / cfg.batch_size))
+    batches = BatchPlan(len(train.x), len(x) - len(train.x), cfg.batch_size, cfg.labelled_per_batch)
+    steps = batches.steps
     total = steps * cfg.epochs
     optimizer = keras.optimizers.Adam(learning_rate=cfg.learning_rate)
     student.compile(
@@ -241,6 +276,7 @@ def run_distillation(
     if valid is not None:
         (valid_tags,) = cache.outputs(valid.x, names=("tags",))
         valid_tags = valid_tags.astype(np.float32).mean(axis=1)
+
     def evaluate(row: dict) -> None:
         ema.swap()
         saved = [np.array(v.numpy()) for v in student.non_trainable_variables]
@@ -254,25 +290,27 @@ def run_distillation(
 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
-        order = rng.permutation(len(x))
         losses = []
-        for s in range(steps):
-            idx = np.sort(order[s * cfg.batch_size : (s + 1) * cfg.batch_size])
+        for idx in batches.epoch(rng):
             if len(idx) < 2:
                 continue
-            optimizer.learning_rate = _lr_at(epoch * steps + s, total, cfg.warmup_epochs * steps, cfg.learning_rate)
+            optimizer.learning_rate = _lr_at(epoch * steps + len(losses), total, cfg.warmup_epochs * steps, cfg.learning_rate)
             xb, targets = distill_batch(x[idx], y[idx], tags[idx], pen_z[idx], n_classes, cfg, rng, bounds)
-            r = student.train_on_batch(xb, targets)
-            losses.append([float(v) for v in np.atleast_1d(np.asarray(r, dtype=np.float64))])
+            r = student.train_on_batch(xb, targets, return_dict=True)
+            losses.append([float(r[k]) for k in ("loss", "genre_loss", "teacher_tags_loss", "teacher_penultimate_loss")])
             ema.update()
         mean_loss = np.mean(np.array(losses), axis=0)
-        row = {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": float(mean_loss[0]), "lr": float(optimizer.learning_rate.numpy())}
+        row = {"epoch": epoch + 1, "epochs": cfg.epochs, "lr": float(optimizer.learning_rate.numpy())}
+        row.update({k: float(v) for k, v in zip(("loss", "genre_loss", "tag_loss", "penultimate_loss"), mean_loss, strict=True)})
         if valid is not None and ((epoch + 1) % 5 == 0 or epoch + 1 == cfg.epochs):
             evaluate(row)
         row["seconds"] = round(time.time() - t0, 2)
         history.append(row)
         val = f"  valid {row['val_accuracy']:.1%}  tag agreement {row['val_tag_agreement']:.3f}" if "val_accuracy" in row else ""
-        say(f"student epoch {row['epoch']:>3}/{cfg.epochs}  loss {row['loss']:.3f}  lr {row['lr']:.2e}{val}  {row['seconds']:.1f}s")
+        say(
+            f"student epoch {row['epoch']:>3}/{cfg.epochs}  loss {row['loss']:.3f} (genre {row['genre_loss']:.3f}, tags {row['tag_loss']:.4f}, "
+            f"penultimate {row['penultimate_loss']:.3f})  lr {row['lr']:.2e}{val}  {row['seconds']:.1f}s"
+        )
         _save_checkpoint(ckpt, epoch + 1, student, ema, history, (-1.0, None, None))
     ema.swap()
     recalibrate_bn(student, x, bn_cfg, rng)
