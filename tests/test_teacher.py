@@ -287,3 +287,18 @@ def test_distill_options_need_the_teacher(tmp_path, shared_png):
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0 and "bad.npz: no 'levels' array" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "x").exists()
+
+
+def test_distill_mixup_pairs_windows_of_the_same_kind():
+    """With mixup, every labelled row keeps a full unit of genre target: its partner is labelled too."""
+    from tagger.teacher.distill import DistillConfig, distill_batch, patch_starts
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, size=(16, features.N_MELS, features.N_COLUMNS), dtype=np.uint8)
+    y = np.array([0, 1, 2, 3, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1])
+    tags = rng.random((16, 10, 50)).astype(np.float16)
+    pen = rng.standard_normal((16, 10, 200)).astype(np.float16)
+    for _ in range(5):
+        _, (genre, _, _) = distill_batch(x, y, tags, pen, 4, DistillConfig(mixup_alpha=0.3), rng, patch_starts())
+        assert np.all(genre[y < 0] == 0)
+        np.testing.assert_allclose(genre[y >= 0].sum(axis=1), 16 / 4, rtol=1e-5)

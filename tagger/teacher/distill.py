@@ -96,7 +96,8 @@ def distill_batch(
     """Patch-aligned crops + masks + mixup; targets ``[genre, tags, penultimate]``.
 
     ``y`` is -1 for an unlabelled window: its genre target is all zeros, so it adds
-    nothing to the cross-entropy. The genre targets are rescaled so the genre loss
+    nothing to the cross-entropy; mixup pairs labelled with labelled windows and
+    unlabelled with unlabelled ones. The genre targets are rescaled so the genre loss
     is the mean over the labelled part of the batch, whatever that part's size.
     """
     n = len(x)
@@ -123,7 +124,11 @@ def distill_batch(
     if cfg.mixup_alpha > 0:
         lam = rng.beta(cfg.mixup_alpha, cfg.mixup_alpha, size=n).astype(np.float32)
         lam = np.maximum(lam, 1 - lam)
-        perm = rng.permutation(n)
+        # Partners of the same kind: a labelled window mixed into an unlabelled one would
+        # ask for the genre of the quieter half of a mixture, which no model can know.
+        perm = np.arange(n)
+        for group in (np.flatnonzero(lab), np.flatnonzero(~lab)):
+            perm[group] = group[rng.permutation(len(group))]
 
         def mix(a: np.ndarray) -> np.ndarray:
             w = lam.reshape(-1, *([1] * (a.ndim - 1)))
