@@ -179,10 +179,12 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
         from .teacher.checkpoint import TeacherUnavailable
         from .teacher.distill import DistillConfig, load_extra, run_distillation
 
-        dc = DistillConfig(seed=cfg.seed, epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, mixup_alpha=cfg.mixup_alpha, arch=cfg.arch)
+        dc = DistillConfig(arch=cfg.arch)
         if not masks:
             dc.time_masks = dc.freq_masks = 0
-        for key, value in {"tag_weight": tag_weight, "penultimate_weight": penultimate_weight, "labelled_per_batch": labelled_per_batch}.items():
+        given = {"seed": seed, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "mixup_alpha": mixup}
+        given.update({"tag_weight": tag_weight, "penultimate_weight": penultimate_weight, "labelled_per_batch": labelled_per_batch})
+        for key, value in given.items():
             if value is not None:
                 setattr(dc, key, value)
         if extra is None:
