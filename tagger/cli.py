@@ -101,9 +101,11 @@ def main(ctx: click.Context, config_file: str | None, verbose: int) -> None:
 @click.option("--extra", "extra_paths", type=click.Path(exists=True, dir_okay=False), multiple=True, help="With --distill: unlabelled windows (.npz with 'levels', e.g. ../shared/data/extra-music/windows.npz) that teach through the teacher only. Repeatable.")
 @click.option("--tag-weight", type=float, default=None, help="With --distill: weight of the teacher-tag loss (default 10).")
 @click.option("--penultimate-weight", type=float, default=None, help="With --distill: weight of the teacher-penultimate loss (default 1).")
+@click.option("--genre-weight", type=float, default=None, help="With --distill: weight of the genre loss while distilling (default 0: the genres come in the fine-tuning).")
+@click.option("--finetune-epochs", type=click.IntRange(0), default=None, help="With --distill: epochs of the DenseNet recipe on the labelled windows after distilling (default 60; 0 skips).")
 @click.option("--labelled-per-batch", type=click.IntRange(1), default=None, help="With --distill and --extra: labelled windows in each batch, the rest unlabelled (default 12 of 32).")
 @pass_ctx
-def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, members, crop, batch_size, learning_rate, patience, seed, select, arch_json, out_dir, cache_dir, name, jobs, mixup, masks, teacher, densenet_bundle, densenet_weight, patches, embedding_dim, head_c, distill, extra_paths, tag_weight, penultimate_weight, labelled_per_batch) -> None:
+def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, members, crop, batch_size, learning_rate, patience, seed, select, arch_json, out_dir, cache_dir, name, jobs, mixup, masks, teacher, densenet_bundle, densenet_weight, patches, embedding_dim, head_c, distill, extra_paths, tag_weight, penultimate_weight, labelled_per_batch, genre_weight, finetune_epochs) -> None:
     """Train a genre model on DATA (PNG layout or <genre>/ audio folders)."""
     import numpy as np
 
@@ -184,6 +186,7 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
             dc.time_masks = dc.freq_masks = 0
         given = {"seed": seed, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "mixup_alpha": mixup}
         given.update({"tag_weight": tag_weight, "penultimate_weight": penultimate_weight, "labelled_per_batch": labelled_per_batch})
+        given.update({"genre_weight": genre_weight, "finetune_epochs": finetune_epochs})
         for key, value in given.items():
             if value is not None:
                 setattr(dc, key, value)

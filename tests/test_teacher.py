@@ -254,12 +254,13 @@ def test_distilled_route_trains_a_plain_densenet(tmp_path, shared_png):
     np.savez(tmp_path / "extra.npz", levels=extra)
     out = tmp_path / "student"
     args = ["train", str(data), "--valid", str(data / "splits" / "valid.txt"), "--teacher", "musicnn", "--distill",
-            "--extra", str(tmp_path / "extra.npz"), "--epochs", "2", "--arch", '{"blocks": [2, 2], "growth": 8}', "--out", str(out)]
+            "--extra", str(tmp_path / "extra.npz"), "--epochs", "2", "--finetune-epochs", "2", "--arch", '{"blocks": [2, 2], "growth": 8}', "--out", str(out)]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "tag agreement with the teacher" in result.output
+    assert "tag agreement with the teacher" in result.output and "fine-tune epoch   2/2" in result.output
     bundle = load_bundle(out)
     assert bundle.meta["training"]["route"].startswith("DenseNet distilled from musicnn")
+    assert bundle.meta["training"]["epochs_run"] == [2, 2]
     assert bundle.meta["training"]["data"]["unlabelled_windows"] == 2
     # the bundle is the student's DenseNet alone: no teacher layers, genre probabilities out
     names = {layer.name for layer in bundle.keras_model().layers}
@@ -272,7 +273,7 @@ def test_distilled_route_trains_a_plain_densenet(tmp_path, shared_png):
     assert len(list((tmp_path / "teacher-cache").glob("*.npz"))) == 10  # 6 training, 2 validation, 2 extra windows
     # rerunning resumes from the per-epoch checkpoint instead of starting over
     again = CliRunner().invoke(main, args, catch_exceptions=False)
-    assert again.exit_code == 0 and "student epoch" not in again.output
+    assert again.exit_code == 0 and "student epoch" not in again.output and "fine-tune epoch" not in again.output
 
 
 def test_distill_options_need_the_teacher(tmp_path, shared_png):

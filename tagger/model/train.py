@@ -165,8 +165,12 @@ def train_member(
     *,
     checkpoint_dir: Path | None = None,
     progress: Progress | None = None,
+    init=None,
 ):
     """Train one DenseNet; returns ``(model, history)`` with the best EMA weights.
+
+    ``init``: a DenseNet of the same architecture to start from (e.g. a student
+    distilled from the teacher), with its input normalisation, instead of random weights.
 
     The checkpoint (weights, EMA shadow, optimizer step, history) is written each
     epoch, so a run that is interrupted resumes at the next epoch.
@@ -178,8 +182,14 @@ def train_member(
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
     n_classes = len(train.labels)
-    mean, std = band_stats(train.x)
+    if init is not None:
+        norm = init.get_layer("levels_norm")
+        mean, std = norm.mean_values, norm.std_values
+    else:
+        mean, std = band_stats(train.x)
     model = build_densenet(n_classes, DenseNetConfig.from_dict(cfg.arch) if cfg.arch else None, band_mean=mean, band_std=std)
+    if init is not None:
+        model.set_weights(init.get_weights())
     steps = max(1, math.ceil(len(train.x) / cfg.batch_size))
     total = steps * cfg.epochs
     optimizer = keras.optimizers.Adam(learning_rate=cfg.learning_rate)

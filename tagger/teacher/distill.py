@@ -42,7 +42,8 @@ N_PENULTIMATE = 200
 class DistillConfig:
     """Everything that decides a distillation run; saved in the bundle."""
 
-    epochs: int = 60
+    #: stage 1, distillation: passes over the unlabelled windows
+    epochs: int = 30
     batch_size: int = 32
     #: crop width in teacher patches (4 patches ≈ 12 s ≈ 155 columns, like the DenseNet's 160-column crop)
     crop_patches: int = 4
@@ -60,7 +61,14 @@ class DistillConfig:
     #: labelled windows in every batch (the rest unlabelled), so the genre loss always
     #: averages over as many windows, whatever the mix of the data
     labelled_per_batch: int = 12
-    genre_weight: float = 1.0
+    #: genre loss during stage 1 (0: the teacher alone shapes the student; the labels
+    #: come in stage 2)
+    genre_weight: float = 0.0
+    #: stage 2: the DenseNet recipe (``tagger.model.train``) on the labelled windows,
+    #: from the distilled weights, 0 to skip; its learning rate is below the recipe's
+    #: 2e-3 so it refines what the teacher taught rather than starting over
+    finetune_epochs: int = 60
+    finetune_learning_rate: float = 1e-3
     tag_weight: float = 10.0
     penultimate_weight: float = 1.0
     seed: int = 1234
@@ -232,10 +240,12 @@ def run_distillation(
         TrainConfig,
         _load_checkpoint,
         _lr_at,
+        _predict,
         _save_checkpoint,
         band_stats,
         clip_accuracy,
         recalibrate_bn,
+        train_member,
     )
     from .branch import PatchCache
 
@@ -323,25 +333,39 @@ def run_distillation(
     recalibrate_bn(student, x, bn_cfg, rng)
     metrics: dict = {}
     if valid is not None:
-        probs, stags, _ = _predict_all(student, valid.x)
+        _, stags, _ = _predict_all(student, valid.x)
+        metrics["valid_tag_agreement"] = tag_agreement(stags, valid_tags)
+    model, histories = base, [history]
+    if cfg.finetune_epochs > 0:
+        # Stage 2: the DenseNet recipe on the labelled windows, from the student's weights.
+        say(f"fine-tuning the student on {len(train.x)} labelled windows")
+        tcfg = TrainConfig(epochs=cfg.finetune_epochs, learning_rate=cfg.finetune_learning_rate, select="last", seed=cfg.seed, arch=cfg.arch)
+
+        def fine(row: dict) -> None:
+            val = f"  valid {row['val_accuracy']:.1%}" if "val_accuracy" in row else ""
+            say(f"fine-tune epoch {row['epoch']:>3}/{row['epochs']}  loss {row['loss']:.3f}  lr {row['lr']:.2e}{val}  {row['seconds']:.1f}s")
+
+        model, ft_history = train_member(train, valid, tcfg, cfg.seed, checkpoint_dir=ckpt_dir, progress=fine, init=base)
+        histories.append(ft_history)
+    if valid is not None:
+        probs = _predict(model, valid.x)
         report = report_from(probs, valid, train.labels)
         metrics["valid"] = report.to_json()
-        metrics["valid_tag_agreement"] = tag_agreement(stags, valid_tags)
         plot_confusion(report, out_dir / "confusion.png", title=f"valid accuracy {report.accuracy:.1%} (n={report.n})")
-    plot_curves([history], out_dir / "curves.png")
+    plot_curves(histories, out_dir / "curves.png")
     training = {
         "data": {**data_summary, "unlabelled_windows": int(len(extra))},
-        "route": "DenseNet distilled from musicnn (tags + penultimate) with genre labels",
+        "route": "DenseNet distilled from musicnn (tags + penultimate)" + (", then fine-tuned on the genres" if cfg.finetune_epochs > 0 else " with genre labels"),
         "config": cfg.to_dict(),
         "teacher": {"model": "MSD_musicnn (musicnn 0.1.0, ISC licence)", "seconds": round(teacher_seconds, 1)},
-        "epochs_run": len(history),
-        "seconds": round(sum(r["seconds"] for r in history), 1),
-        "parameters": int(base.count_params()),
+        "epochs_run": [len(h) for h in histories],
+        "seconds": round(sum(r["seconds"] for h in histories for r in h), 1),
+        "parameters": int(model.count_params()),
         "backend": keras.backend.backend(),
     }
-    (out_dir / "history.json").write_text(json.dumps([history]))
-    # The shipped model is the DenseNet alone: the teacher heads only served training.
-    bundle = save_bundle(out_dir, base, train.labels, name=name, training=training, metrics=metrics)
+    (out_dir / "history.json").write_text(json.dumps(histories))
+    # The bundle is the DenseNet alone: the teacher heads only served training.
+    bundle = save_bundle(out_dir, model, train.labels, name=name, training=training, metrics=metrics)
     return bundle, metrics
 
 
