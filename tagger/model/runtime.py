@@ -95,8 +95,8 @@ class OnnxModel:
         if CUDA not in providers:
             # No pre-planned block for every intermediate tensor at once: tensors come from
             # the arena as they are needed and go back to it, so peak memory follows the
-            # live tensors (the musicnn branch: 164 MB instead of 248 for a window, at
-            # the same speed; /tmp-free figures in benchmarks/daemon_memory.py).
+            # live tensors (the daemon's main process after tagging with the musicnn
+            # branch: 220 MB instead of 306; benchmarks/daemon_memory.py).
             so.enable_mem_pattern = False
         so.log_severity_level = 3  # errors only: its warnings are about graph details, not ours
         # The decode workers need the cores while the model waits for windows: threads that
