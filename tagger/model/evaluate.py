@@ -128,7 +128,8 @@ def plot_curves(histories: list[list[dict]], path: str | Path) -> None:
     a1.legend(fontsize=7)
     a2.set_xlabel("epoch")
     a2.set_ylabel("valid accuracy (EMA weights)")
-    a2.legend(fontsize=7)
+    if a2.lines:  # nothing to show when valid was never watched
+        a2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
