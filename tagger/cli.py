@@ -91,7 +91,7 @@ def main(ctx: click.Context, config_file: str | None, verbose: int) -> None:
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, help="Feature cache for audio folders (default: OUT/../feature-cache).")
 @click.option("--name", default=None, help="Model name recorded in the bundle.")
 @click.option("--jobs", type=click.IntRange(1), default=1, show_default=True, help="Members trained in parallel processes (one thread each).")
-@click.option("--teacher", type=click.Choice(["musicnn"]), default=None, help="Build the model on the pretrained musicnn tagger (frozen branch + linear head; needs `pip install --no-deps musicnn==0.1.0`) instead of training a DenseNet.")
+@click.option("--teacher", type=click.Choice(["musicnn"]), default=None, help="Build the model on the pretrained musicnn tagger (frozen branch + linear head, or with --distill a DenseNet taught by it; needs `pip install --no-deps musicnn==0.1.0`).")
 @click.option("--densenet", "densenet_bundle", type=click.Path(exists=True), default=None, help="With --teacher: a DenseNet bundle (from `tagger train`, same training data) pooled with the branch.")
 @click.option("--densenet-weight", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="With --densenet: its weight in the log-linear pool of the two branches.")
 @click.option("--patches", type=click.IntRange(1, 10), default=None, help="With --teacher: 3-second patches of each window the teacher hears (default 5; speed knob).")

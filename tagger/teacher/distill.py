@@ -1,19 +1,23 @@
 """The distilled route: a DenseNet student that learns to hear like musicnn.
 
 The student sees only our representation; at scan time it is a plain DenseNet
-(no teacher, DenseNet speed). During training it is asked, for every crop, to
-reproduce what the teacher heard in the 3-second patches that crop covers:
+(no teacher, DenseNet speed). Training has two stages.
 
-- the teacher's 50 tag probabilities, pooled (mean) over those patches — soft
-  binary cross-entropy;
-- the teacher's 200-unit penultimate layer, pooled the same way and standardised
-  — mean squared error;
+1. Distillation, on labelled and unlabelled windows alike (e.g.
+   ``../shared/data/extra-music``): for every crop the student reproduces what the
+   teacher heard in the 3-second patches that crop covers —
 
-and, where the window has a genre label, the genre (cross-entropy, label
-smoothing, mixup — the DenseNet recipe of ``tagger.model.train``). Windows with
-no label (e.g. ``../shared/data/extra-music``) teach through the teacher's
-targets only. Crops start and end on patch boundaries so each crop's target is
-exactly the pooling of cached per-patch outputs (``PatchCache``).
+   - the teacher's 50 tag probabilities, pooled (mean) over those patches — soft
+     binary cross-entropy;
+   - the teacher's 200-unit penultimate layer, pooled the same way and
+     standardised — mean squared error.
+
+   Crops start and end on patch boundaries so each crop's target is exactly the
+   pooling of cached per-patch outputs (``PatchCache``). A genre loss can sit
+   beside them (``genre_weight``), but trained jointly from the start the genre
+   loss climbed and the student learnt little of the teacher (README).
+2. Fine-tuning: the DenseNet recipe of ``tagger.model.train`` on the labelled
+   windows, starting from the distilled weights.
 
 Training-side only (Keras/TensorFlow and the teacher's checkpoint); the bundle it
 writes is an ordinary DenseNet bundle.
