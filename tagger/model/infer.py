@@ -148,8 +148,8 @@ class Classifier:
     def release(self) -> bool:
         """Stop the decode processes (and their fork server) and drop the model session.
 
-        For a daemon that sits idle: both come back on the next file (the session in
-        a fraction of a second, the decode processes in a second or two). Returns
+        For a daemon that sits idle: both come back on the next file, which costs it a
+        few tenths of a second (``benchmarks/daemon_latency.py --release``). Returns
         whether anything was held.
         """
         held = self._pool is not None
