@@ -60,6 +60,24 @@ def band_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
     return mean.tolist(), std.tolist()
 
 
+def spec_masks(out: np.ndarray, cfg, rng: np.random.Generator) -> None:
+    """SpecAugment, in place: ``cfg.time_masks`` time and ``cfg.freq_masks`` band masks per window.
+
+    ``cfg`` is any config with ``time_masks``, ``time_mask_width``, ``freq_masks`` and
+    ``freq_mask_width`` (``TrainConfig``, the distillation's ``DistillConfig``).
+    """
+    n, bands, width = out.shape
+    for i in range(n):
+        for _ in range(cfg.time_masks):
+            w = int(rng.integers(0, cfg.time_mask_width + 1))
+            s = int(rng.integers(0, width - w + 1))
+            out[i, :, s : s + w] = 0.0
+        for _ in range(cfg.freq_masks):
+            w = int(rng.integers(0, cfg.freq_mask_width + 1))
+            s = int(rng.integers(0, bands - w + 1))
+            out[i, s : s + w, :] = 0.0
+
+
 def augment_batch(
     x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -68,15 +86,7 @@ def augment_batch(
     crop = min(cfg.crop, width)
     starts = rng.integers(0, width - crop + 1, size=n)
     out = np.stack([x[i, :, s : s + crop] for i, s in enumerate(starts)]).astype(np.float32)
-    for i in range(n):
-        for _ in range(cfg.time_masks):
-            w = int(rng.integers(0, cfg.time_mask_width + 1))
-            s = int(rng.integers(0, crop - w + 1))
-            out[i, :, s : s + w] = 0.0
-        for _ in range(cfg.freq_masks):
-            w = int(rng.integers(0, cfg.freq_mask_width + 1))
-            s = int(rng.integers(0, bands - w + 1))
-            out[i, s : s + w, :] = 0.0
+    spec_masks(out, cfg, rng)
     target = np.full((n, n_classes), cfg.label_smoothing / n_classes, dtype=np.float32)
     target[np.arange(n), y] += 1.0 - cfg.label_smoothing
     if cfg.mixup_alpha > 0:

@@ -36,6 +36,7 @@ import numpy as np
 
 from .. import features
 from ..dataset import Dataset
+from ..model.train import spec_masks
 from . import bridge as br
 
 N_TAGS = 50
@@ -119,16 +120,7 @@ def distill_batch(
     width = int(np.max(bounds[cfg.crop_patches:] - bounds[: -cfg.crop_patches]))
     starts = np.minimum(bounds[first], features.N_COLUMNS - width)
     out = np.stack([x[i, :, s : s + width] for i, s in enumerate(starts)]).astype(np.float32)
-    bands = out.shape[1]
-    for i in range(n):
-        for _ in range(cfg.time_masks):
-            w = int(rng.integers(0, cfg.time_mask_width + 1))
-            s = int(rng.integers(0, width - w + 1))
-            out[i, :, s : s + w] = 0.0
-        for _ in range(cfg.freq_masks):
-            w = int(rng.integers(0, cfg.freq_mask_width + 1))
-            s = int(rng.integers(0, bands - w + 1))
-            out[i, s : s + w, :] = 0.0
+    spec_masks(out, cfg, rng)
     genre = np.zeros((n, n_classes), np.float32)
     lab = y >= 0
     genre[lab] = cfg.label_smoothing / n_classes
@@ -242,9 +234,11 @@ def run_distillation(
     from ..model.train import (
         EMA,
         TrainConfig,
+        _bn_state,
         _load_checkpoint,
         _lr_at,
         _predict,
+        _restore_bn,
         _save_checkpoint,
         band_stats,
         clip_accuracy,
@@ -284,7 +278,8 @@ def run_distillation(
         loss_weights=[cfg.genre_weight, cfg.tag_weight, cfg.penultimate_weight],
     )
     ema = EMA(student, cfg.ema_momentum)
-    bn_cfg = TrainConfig(crop=int(patch_starts()[cfg.crop_patches]))
+    bounds = patch_starts()
+    bn_cfg = TrainConfig(crop=int(bounds[cfg.crop_patches]))
     ckpt_dir = out_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_dir / f"student{cfg.seed}.ckpt.npz"
@@ -292,7 +287,6 @@ def run_distillation(
     start_epoch = 0
     if ckpt.exists():
         start_epoch, history, _ = _load_checkpoint(ckpt, student, ema)
-    bounds = patch_starts()
     valid_tags = None
     if valid is not None:
         (valid_tags,) = cache.outputs(valid.x, names=("tags",))
@@ -300,21 +294,18 @@ def run_distillation(
 
     def evaluate(row: dict) -> None:
         ema.swap()
-        saved = [np.array(v.numpy()) for v in student.non_trainable_variables]
+        saved = _bn_state(student)
         recalibrate_bn(student, x, bn_cfg, rng, batches=8)
         probs, stags, _ = _predict_all(student, valid.x)
         row["val_accuracy"] = clip_accuracy(probs, valid)
         row["val_tag_agreement"] = tag_agreement(stags, valid_tags)
-        for v, s in zip(student.non_trainable_variables, saved, strict=True):
-            v.assign(s)
+        _restore_bn(student, saved)
         ema.swap()
 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         losses = []
-        for idx in batches.epoch(rng):
-            if len(idx) < 2:
-                continue
+        for idx in batches.epoch(rng):  # every batch has two windows or more
             optimizer.learning_rate = _lr_at(epoch * steps + len(losses), total, cfg.warmup_epochs * steps, cfg.learning_rate)
             xb, targets = distill_batch(x[idx], y[idx], tags[idx], pen_z[idx], n_classes, cfg, rng, bounds)
             r = student.train_on_batch(xb, targets, return_dict=True)
