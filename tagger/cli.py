@@ -177,56 +177,48 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
         click.echo(f"member {row['member']} epoch {row['epoch']:>3}/{row['epochs']}  loss {row['loss']:.3f}  lr {row['lr']:.2e}{val}  {row['seconds']:.1f}s", err=True)
 
     summary = {"source": str(root.resolve()), "train": tr.summary(), "valid": va.summary() if va else None}
-    if teacher and distill:
-        from .teacher.checkpoint import TeacherUnavailable
-        from .teacher.distill import DistillConfig, load_extra, run_distillation
-
-        dc = DistillConfig(arch=cfg.arch)
-        if not masks:
-            dc.time_masks = dc.freq_masks = 0
-        given = {"seed": seed, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "mixup_alpha": mixup}
-        given.update({"tag_weight": tag_weight, "penultimate_weight": penultimate_weight, "labelled_per_batch": labelled_per_batch})
-        given.update({"genre_weight": genre_weight, "finetune_epochs": finetune_epochs})
-        for key, value in given.items():
-            if value is not None:
-                setattr(dc, key, value)
-        if extra is None:
-            extra = load_extra([])
-        summary["extra"] = [str(Path(p).resolve()) for p in extra_paths]
-        try:
-            bundle, metrics = run_distillation(
-                tr, va, extra, dc, out, name=name or out.name, data_summary=summary, cache_dir=cache.parent / "teacher-cache",
-                progress=lambda s: click.echo(s, err=True),
-            )
-        except TeacherUnavailable as exc:
-            fail(str(exc))
-        click.echo(f"saved {bundle.path} (sha256 {bundle.sha256[:12]})")
-        if "valid" in metrics:
-            click.echo(f"valid accuracy {metrics['valid']['accuracy']:.2%} on {metrics['valid']['n']} clips; tag agreement with the teacher {metrics['valid_tag_agreement']:.3f}")
-        return
     if teacher:
-        from .teacher.branch import HeadConfig, run_branch_training
         from .teacher.checkpoint import TeacherUnavailable
 
-        hc = HeadConfig(densenet_weight=densenet_weight if densenet_bundle else 0.0)
-        for key, value in {"patches": patches, "embedding_dim": embedding_dim, "c": head_c}.items():
-            if value is not None:
-                setattr(hc, key, value)
         try:
-            bundle, metrics = run_branch_training(
-                tr, va, hc, out, name=name or out.name, data_summary=summary, cache_dir=cache.parent / "teacher-cache",
-                densenet_bundle=Path(densenet_bundle) if densenet_bundle else None, progress=lambda s: click.echo(s, err=True),
-            )
+            if distill:
+                from .teacher.distill import DistillConfig, load_extra, run_distillation
+
+                dc = DistillConfig(arch=cfg.arch)
+                if not masks:
+                    dc.time_masks = dc.freq_masks = 0
+                given = {
+                    "seed": seed, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "mixup_alpha": mixup,
+                    "tag_weight": tag_weight, "penultimate_weight": penultimate_weight, "labelled_per_batch": labelled_per_batch,
+                    "genre_weight": genre_weight, "finetune_epochs": finetune_epochs,
+                }  # fmt: skip
+                for key, value in given.items():
+                    if value is not None:
+                        setattr(dc, key, value)
+                summary["extra"] = [str(Path(p).resolve()) for p in extra_paths]
+                bundle, metrics = run_distillation(
+                    tr, va, extra if extra is not None else load_extra([]), dc, out, name=name or out.name, data_summary=summary,
+                    cache_dir=cache.parent / "teacher-cache", progress=lambda s: click.echo(s, err=True),
+                )
+            else:
+                from .teacher.branch import HeadConfig, run_branch_training
+
+                hc = HeadConfig(densenet_weight=densenet_weight if densenet_bundle else 0.0)
+                for key, value in {"patches": patches, "embedding_dim": embedding_dim, "c": head_c}.items():
+                    if value is not None:
+                        setattr(hc, key, value)
+                bundle, metrics = run_branch_training(
+                    tr, va, hc, out, name=name or out.name, data_summary=summary, cache_dir=cache.parent / "teacher-cache",
+                    densenet_bundle=Path(densenet_bundle) if densenet_bundle else None, progress=lambda s: click.echo(s, err=True),
+                )
         except TeacherUnavailable as exc:
             fail(str(exc))
-        click.echo(f"saved {bundle.path} (sha256 {bundle.sha256[:12]})")
-        if "valid" in metrics:
-            click.echo(f"valid accuracy {metrics['valid']['accuracy']:.2%} on {metrics['valid']['n']} clips")
-        return
-    bundle, metrics = run_training(tr, va, cfg, out, name=name or out.name, data_summary=summary, progress=progress, jobs=jobs)
+    else:
+        bundle, metrics = run_training(tr, va, cfg, out, name=name or out.name, data_summary=summary, progress=progress, jobs=jobs)
     click.echo(f"saved {bundle.path} (sha256 {bundle.sha256[:12]})")
     if "valid" in metrics:
-        click.echo(f"valid accuracy {metrics['valid']['accuracy']:.2%} on {metrics['valid']['n']} clips")
+        agreement = f"; tag agreement with the teacher {metrics['valid_tag_agreement']:.3f}" if "valid_tag_agreement" in metrics else ""
+        click.echo(f"valid accuracy {metrics['valid']['accuracy']:.2%} on {metrics['valid']['n']} clips{agreement}")
 
 
 def _need_train_extra(what: str) -> None:
