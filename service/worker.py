@@ -137,13 +137,13 @@ class Worker:
         finally:
             self._done.set()
 
-    def _release_when_idle(self, idle_since: float, release_after: float) -> bool:
-        """After ``release_after`` idle seconds, hand the model's and decode processes' memory back."""
+    def _release_when_idle(self, idle_since: float, release_after: float) -> None:
+        """After ``release_after`` idle seconds, hand the model's and decode processes' memory back
+        (once: a released classifier has nothing left to release until it works again)."""
         if release_after <= 0 or time.monotonic() - idle_since < release_after or self.library.classifier is None:
-            return False
+            return
         if self.library.classifier.release():
             log.info("idle for %.0f s: stopped the decode processes and released the model's memory (back on the next file)", release_after)
-        return True
 
     def _loop(self) -> None:
         first_ready: float | None = None
@@ -163,8 +163,7 @@ class Worker:
                 first_ready = None
                 if idle_since is None:
                     idle_since = time.monotonic()
-                elif self._release_when_idle(idle_since, cfg.idle_release):
-                    idle_since = float("inf")  # released: nothing more to do until work comes
+                self._release_when_idle(idle_since, cfg.idle_release)
                 timeout = 1.0
                 if nxt is not None:
                     timeout = min(1.0, max(0.01, (nxt - utcnow()).total_seconds()))
