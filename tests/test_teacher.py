@@ -99,6 +99,20 @@ def test_bridge_on_shared_pairs(shared_audio, shared_png):
 # --- the shipped route, end to end on a tiny scale ------------------------------------
 
 
+def linked_png_split(data: Path, shared_png: Path, genres: tuple[str, ...], per_genre: int, n_train: int) -> None:
+    """A small PNG layout under ``data``: links to the first ``per_genre`` shared windows of
+    each genre, the first ``n_train`` of them in splits/train.txt, the rest in valid.txt."""
+    (data / "splits").mkdir(parents=True)
+    train, valid = [], []
+    for genre in genres:
+        (data / genre).mkdir()
+        for k, png in enumerate(sorted((shared_png / genre).glob("*.png"))[:per_genre]):
+            (data / genre / png.name).symlink_to(png)
+            (train if k < n_train else valid).append(f"{genre}/{png.stem}")
+    (data / "splits" / "train.txt").write_text("\n".join(train) + "\n")
+    (data / "splits" / "valid.txt").write_text("\n".join(valid) + "\n")
+
+
 @pytest.fixture(scope="module")
 def tiny_teacher_bundle(tmp_path_factory, shared_png):
     """``tagger train --teacher musicnn`` on 12 real training windows of 3 genres, validated on 6."""
@@ -108,15 +122,7 @@ def tiny_teacher_bundle(tmp_path_factory, shared_png):
 
     root = tmp_path_factory.mktemp("teacher-data")
     data = root / "png"
-    (data / "splits").mkdir(parents=True)
-    train, valid = [], []
-    for genre in ("classical", "metal", "hiphop"):
-        (data / genre).mkdir()
-        for k, png in enumerate(sorted((shared_png / genre).glob("*.png"))[:6]):
-            (data / genre / png.name).symlink_to(png)
-            (train if k < 4 else valid).append(f"{genre}/{png.stem}")
-    (data / "splits" / "train.txt").write_text("\n".join(train) + "\n")
-    (data / "splits" / "valid.txt").write_text("\n".join(valid) + "\n")
+    linked_png_split(data, shared_png, ("classical", "metal", "hiphop"), 6, 4)
     out = root / "bundle"
     result = CliRunner().invoke(
         main,
@@ -240,15 +246,7 @@ def test_distilled_route_trains_a_plain_densenet(tmp_path, shared_png):
     from tagger.teacher.branch import PatchCache
 
     data = tmp_path / "png"
-    (data / "splits").mkdir(parents=True)
-    train, valid = [], []
-    for genre in ("classical", "metal"):
-        (data / genre).mkdir()
-        for k, png in enumerate(sorted((shared_png / genre).glob("*.png"))[:4]):
-            (data / genre / png.name).symlink_to(png)
-            (train if k < 3 else valid).append(f"{genre}/{png.stem}")
-    (data / "splits" / "train.txt").write_text("\n".join(train) + "\n")
-    (data / "splits" / "valid.txt").write_text("\n".join(valid) + "\n")
+    linked_png_split(data, shared_png, ("classical", "metal"), 4, 3)
     # unlabelled windows: two blues clips, passed as an extra .npz
     extra = np.stack([decode_png(p) for p in sorted((shared_png / "blues").glob("*.png"))[:2]])
     np.savez(tmp_path / "extra.npz", levels=extra)
