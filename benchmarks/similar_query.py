@@ -66,7 +66,7 @@ def build(path: Path, tracks: int, dim: int, seed: int = 0) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tracks", type=int, default=100_000)
-    ap.add_argument("--dim", type=int, default=180, help="embedding size (the shipped model's is 180)")
+    ap.add_argument("--dim", type=int, default=256, help="embedding size (the shipped model's is 256)")
     ap.add_argument("--queries", type=int, default=10)
     ap.add_argument("-n", type=int, default=10)
     ap.add_argument("--db", type=Path, default=None, help="reuse or create this database file")
