@@ -104,8 +104,13 @@ def main(ctx: click.Context, config_file: str | None, verbose: int) -> None:
 @click.option("--genre-weight", type=float, default=None, help="With --distill: weight of the genre loss while distilling (default 0: the genres come in the fine-tuning).")
 @click.option("--finetune-epochs", type=click.IntRange(0), default=None, help="With --distill: epochs of the DenseNet recipe on the labelled windows after distilling (default 60; 0 skips).")
 @click.option("--labelled-per-batch", type=click.IntRange(1), default=None, help="With --distill and --extra: labelled windows in each batch, the rest unlabelled (default 12 of 32).")
+@click.option("--labelled", "labelled_paths", type=click.Path(exists=True, dir_okay=False), multiple=True, help="With --teacher: more windows (.npz with 'levels' and 'ids') whose source genres are in the .csv beside it (columns id, genres, and optionally artist, source), mapped onto tagger's vocabulary by the label map. Repeatable.")
+@click.option("--label-map", type=click.Path(exists=True, dir_okay=False), default=None, help="With --labelled: a TOML file of source genre = [labels] entries on top of the built-in table (tagger/vocabulary.py).")
+@click.option("--vocabulary", "vocabulary_list", default=None, help="With --labelled: the model's labels, comma-separated (default: DATA's genres plus every mapped label with 20 or more windows, plus 'other').")
+@click.option("--cv", "cv_folds", type=click.IntRange(0), default=5, show_default=True, help="With --labelled: folds of the artist-grouped cross-validation that calibrates the probabilities and measures the precision curve (0 skips it).")
+@click.option("--l2", type=float, default=None, help="With --labelled: L2 strength of the label-set head (default 0.1).")
 @pass_ctx
-def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, members, crop, batch_size, learning_rate, patience, seed, select, arch_json, out_dir, cache_dir, name, jobs, mixup, masks, teacher, densenet_bundle, densenet_weight, patches, embedding_dim, head_c, distill, extra_paths, tag_weight, penultimate_weight, labelled_per_batch, genre_weight, finetune_epochs) -> None:
+def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, members, crop, batch_size, learning_rate, patience, seed, select, arch_json, out_dir, cache_dir, name, jobs, mixup, masks, teacher, densenet_bundle, densenet_weight, patches, embedding_dim, head_c, distill, extra_paths, tag_weight, penultimate_weight, labelled_per_batch, genre_weight, finetune_epochs, labelled_paths, label_map, vocabulary_list, cv_folds, l2) -> None:
     """Train a genre model on DATA (PNG layout or <genre>/ audio folders)."""
     import numpy as np
 
@@ -113,6 +118,18 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
         fail("--distill and --extra need --teacher musicnn")
     if extra_paths and not distill:
         fail("--extra is used only with --distill")
+    if labelled_paths and (not teacher or distill):
+        fail("--labelled needs --teacher musicnn (without --distill)")
+    labelled = table = None
+    if labelled_paths:
+        from .teacher.mixed import LabelledError, concat, load_labelled
+        from .vocabulary import LabelMapError, load_label_map
+
+        try:
+            table = load_label_map(label_map)
+            labelled = concat([load_labelled(p) for p in labelled_paths])
+        except (LabelledError, LabelMapError) as exc:
+            fail(str(exc))
     extra = None
     if extra_paths:
         from .teacher.distill import load_extra
@@ -176,7 +193,7 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
         val = f"  valid {row['val_accuracy']:.1%}{best}" if "val_accuracy" in row else ""
         click.echo(f"member {row['member']} epoch {row['epoch']:>3}/{row['epochs']}  loss {row['loss']:.3f}  lr {row['lr']:.2e}{val}  {row['seconds']:.1f}s", err=True)
 
-    summary = {"source": str(root.resolve()), "train": tr.summary(), "valid": va.summary() if va else None}
+    summary = {"source": root.name, "train": tr.summary(), "valid": va.summary() if va else None}
     if teacher:
         from .teacher.checkpoint import TeacherUnavailable
 
@@ -200,6 +217,24 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
                     tr, va, extra if extra is not None else load_extra([]), dc, out, name=name or out.name, data_summary=summary,
                     cache_dir=cache.parent / "teacher-cache", progress=lambda s: click.echo(s, err=True),
                 )
+            elif labelled is not None:
+                from .teacher.branch import HeadConfig
+                from .teacher.mixed import run_mixed_training
+
+                hc = HeadConfig(patches=3)
+                for key, value in {"patches": patches, "embedding_dim": embedding_dim, "l2": l2, "seed": seed}.items():
+                    if value is not None:
+                        setattr(hc, key, value)
+                summary["labelled"] = [{"file": Path(p).name, "sha256": _sha256(p)} for p in labelled_paths]
+                vocab = [v.strip().lower() for v in vocabulary_list.split(",") if v.strip()] if vocabulary_list else None
+                try:
+                    bundle, metrics = run_mixed_training(
+                        tr, va, labelled, hc, out, name=name or out.name, data_summary=summary, cache_dir=cache.parent / "teacher-cache",
+                        table=table, vocabulary=vocab, cv=cv_folds, progress=lambda s: click.echo(s, err=True),
+                    )
+                except ValueError as exc:
+                    fail(str(exc))
+                _echo_cv(metrics)
             else:
                 from .teacher.branch import HeadConfig, run_branch_training
 
@@ -219,6 +254,32 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
     if "valid" in metrics:
         agreement = f"; tag agreement with the teacher {metrics['valid_tag_agreement']:.3f}" if "valid_tag_agreement" in metrics else ""
         click.echo(f"valid accuracy {metrics['valid']['accuracy']:.2%} on {metrics['valid']['n']} clips{agreement}")
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _echo_cv(metrics: dict) -> None:
+    """The held-out figures of a mixed-data run, as ``tagger train`` prints them."""
+    cv = metrics.get("cv")
+    if not cv:
+        return
+    if "gtzan" in cv:
+        click.echo(f"cross-validated GTZAN accuracy among its genres {cv['gtzan']['accuracy_among_its_genres']:.2%} on {cv['gtzan']['tracks']} clips")
+    rm = cv.get("real_music")
+    if rm:
+        click.echo(f"cross-validated real music ({rm['tracks']} tracks), temperature {cv['temperature']:.3f}:")
+        click.echo(f"  {'min_confidence':>14} {'right':>6} {'wrong':>6} {'nothing':>8} {'precision':>9}")
+        for r in rm["curve"]:
+            mark = "  <- suggested" if r["threshold"] == rm["min_confidence"] else ""
+            click.echo(f"  {r['threshold']:>14.2f} {r['right']:>6.1%} {r['wrong']:>6.1%} {r['nothing']:>8.1%} {r['precision']:>9.1%}{mark}")
 
 
 def _need_train_extra(what: str) -> None:
@@ -297,7 +358,7 @@ def _load_ids(data, ids, cache, what, labels=None):
 @click.option("--model", "model_path", type=click.Path(exists=True), default=None, help="Model bundle directory (default: [model] path, else the shipped model).")
 @click.option("--split", type=click.Path(exists=True, dir_okay=False), help="Evaluate only the <genre>/<id> lines of this file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Write the confusion matrix as PNG.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write the confusion matrix as PNG, and the precision/coverage curve over min_confidence beside it (NAME.precision.png).")
 @click.option("--max-windows", type=int, default=None, help="Windows per audio track (default: [model] max_windows).")
 @pass_ctx
 def evaluate(ctx: Context, data, model_path, split, as_json, plot, max_windows) -> None:
@@ -327,19 +388,38 @@ def evaluate(ctx: Context, data, model_path, split, as_json, plot, max_windows) 
         fail(str(exc))
     for path, reason in ds.failures:
         click.echo(f"skipped {path}: {reason}", err=True)
+    from .model import scoring
+    from .model.evaluate import abstentions
+    from .vocabulary import NONE_LABEL
+
     clf = Classifier(bundle, batch_size=cfg.model.batch_size, workers=0)
     probs = clf.predict_windows(ds.x)
-    report = report_from(probs, ds, bundle.labels)
+    # A larger vocabulary is scored on its choice among the data's genres; what a scan
+    # would write (or abstain from) at min_confidence is reported beside it.
+    report = report_from(probs, ds, bundle.labels, among=data_labels)
+    floor = cfg.tags.min_confidence
+    written = abstentions(report, floor, NONE_LABEL)
+    truth = [frozenset([bundle.labels[t]]) for t in report.truth]
+    rows = scoring.curve(report.probabilities, bundle.labels, truth)
     if plot:
         plot_confusion(report, plot)
+        stem = Path(plot)
+        scoring.plot_curve(rows, stem.with_name(stem.stem + ".precision.png"), floor, title=f"{bundle.name} on {Path(data).name} ({report.n} clips)")
     if as_json:
         out = report.to_json()
         out["model"] = {"name": bundle.name, "sha256": bundle.sha256}
+        out["at_min_confidence"] = written
+        out["curve"] = rows
         out["skipped"] = [{"path": p, "reason": r} for p, r in ds.failures]
         click.echo(json.dumps(out))
     else:
         click.echo(f"model {bundle.name} ({bundle.sha256[:12]})")
         click.echo(report.text())
+        click.echo(
+            f"\nat min_confidence {floor:.2f} a scan writes a genre on {written['written']} of {report.n} clips "
+            f"({written['right']} right, {written['wrong']} wrong: precision {written['precision']:.1%}) and nothing on "
+            f"{written['nothing']} ({written['none_of_its_genres']} of them 'none of my genres')"
+        )
     if ds.failures:
         sys.exit(EXIT_FAILURES)
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from .vocabulary import DISPLAY
+
 
 class ConfigError(Exception):
     """The configuration file is missing, malformed or has unknown keys or bad values."""
@@ -55,22 +57,10 @@ class ModelConfig:
 class TagsConfig:
     policy: str = "keep"
     top_k: int = 1
-    min_confidence: float = 0.35
+    min_confidence: float = 0.65
     separator: str = "; "
-    names: dict[str, str] = field(
-        default_factory=lambda: {
-            "blues": "Blues",
-            "classical": "Classical",
-            "country": "Country",
-            "disco": "Disco",
-            "hiphop": "Hip-Hop",
-            "jazz": "Jazz",
-            "metal": "Metal",
-            "pop": "Pop",
-            "reggae": "Reggae",
-            "rock": "Rock",
-        }
-    )
+    #: How labels are written (labels not named here: tagger.vocabulary.DISPLAY).
+    names: dict[str, str] = field(default_factory=lambda: dict(DISPLAY))
 
 
 @dataclass

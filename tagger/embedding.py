@@ -29,6 +29,7 @@ from .store.models import (
     TRACK_KEPT,
     TRACK_PENDING,
     TRACK_TAGGED,
+    TRACK_UNTAGGED,
     Embedding,
     Prediction,
     Track,
@@ -106,7 +107,7 @@ def head_from_stored(library: Library, files: Iterable[FileStat], skip: Iterable
         .outerjoin(p, and_(p.c.track_id == t.c.id, p.c.model_id == head_id))
         .where(
             p.c.id.is_(None),
-            t.c.status.in_((TRACK_CLASSIFIED, TRACK_TAGGED, TRACK_KEPT)),
+            t.c.status.in_((TRACK_CLASSIFIED, TRACK_TAGGED, TRACK_KEPT, TRACK_UNTAGGED)),
             or_(t.c.tag_settings.is_(None), t.c.tag_settings != TAG_SETTINGS_RESTORED),
         )
     )

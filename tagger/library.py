@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import paths as paths_
-from . import tags
+from . import tags, vocabulary
 from .config import Config, TagsConfig
 from .model.head import base_of
 from .model.infer import Classification, Classifier
@@ -36,7 +36,9 @@ from .store.models import (
     TRACK_MISSING,
     TRACK_PENDING,
     TRACK_TAGGED,
+    TRACK_UNTAGGED,
 )
+from .vocabulary import NONE_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +195,7 @@ class Outcome:
     """What happened to one file; ``action`` is what the summary counts."""
 
     path: str
-    action: str  # tagged | would-tag | kept | low-confidence | failed | changed | unchanged
+    action: str  # tagged | would-tag | kept | low-confidence | no-genre | failed | changed | unchanged
     genres: tuple[str, ...] = ()
     before: tuple[str, ...] = ()
     confidence: float | None = None
@@ -279,15 +281,29 @@ class Library:
         """The labels to write: the top ``top_k`` at or above ``min_confidence``.
 
         Also the top probability, and how many of the top ``top_k`` were left out for
-        being below ``min_confidence`` while others were chosen (for the summary).
+        being below ``min_confidence`` while others were chosen (for the summary). A
+        model's "none of my genres" label (:data:`~tagger.vocabulary.NONE_LABEL`) is never
+        written: where it ranks first, nothing is.
         """
-        ranked = sorted(probabilities.items(), key=lambda kv: -kv[1])[: self.options.top_k]
+        ranked = sorted(probabilities.items(), key=lambda kv: -kv[1])
         top = ranked[0][1] if ranked else 0.0
+        if ranked and ranked[0][0] == NONE_LABEL:
+            return [], top, 0
+        ranked = [kv for kv in ranked if kv[0] != NONE_LABEL][: self.options.top_k]
         chosen = [g for g, p in ranked if p >= self.options.min_confidence]
         return chosen, top, (len(ranked) - len(chosen) if chosen else 0)
 
+    def why_untagged(self, probabilities: Mapping[str, float]) -> tuple[str, str]:
+        """The outcome's action and the reason recorded when :meth:`choose` writes nothing."""
+        best, p = max(probabilities.items(), key=lambda kv: kv[1])
+        if best == NONE_LABEL:
+            runner = max(((g, q) for g, q in probabilities.items() if g != NONE_LABEL), key=lambda kv: kv[1], default=None)
+            also = f"; closest {runner[0]} {runner[1]:.2f}" if runner else ""
+            return "no-genre", f"none of the model's genres ({NONE_LABEL} {p:.2f}{also})"
+        return "low-confidence", f"low confidence: {best} {p:.2f} < {self.options.min_confidence:.2f}"
+
     def display(self, label: str) -> str:
-        return self.options.names.get(label, label.title())
+        return vocabulary.display(label, self.options.names)
 
     def apply(self, result: Classification, seen: FileStat) -> Outcome:
         """Record a classification and write the genre into the file if the policy says so."""
@@ -380,9 +396,9 @@ class Library:
                 repo.set_tag_settings(s, path, settled)
 
         if not genres:
-            best, p = max(probabilities.items(), key=lambda kv: kv[1])
-            settle(TRACK_CLASSIFIED)
-            return Outcome(path, "low-confidence", confidence=top, reason=f"low confidence: {best} {p:.2f} < {opts.min_confidence:.2f}")
+            action, why = self.why_untagged(probabilities)
+            settle(TRACK_UNTAGGED, why)
+            return Outcome(path, action, confidence=top, reason=why)
         try:
             state = self._ours_only(tags.read_state(path, separator=opts.separator), track_id)
         except tags.TagError as exc:

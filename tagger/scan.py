@@ -76,7 +76,7 @@ class Reporter:
             self.bar.stop()
 
 
-SUMMARY_ORDER = ("tagged", "would-tag", "kept", "low-confidence", "unchanged", "changed", "failed")
+SUMMARY_ORDER = ("tagged", "would-tag", "kept", "low-confidence", "no-genre", "unchanged", "changed", "failed")
 
 
 def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confidence, as_json: bool, model_path=None, embed: bool = False) -> int:

@@ -16,6 +16,7 @@ class Report:
     truth: np.ndarray  # per clip
     predicted: np.ndarray  # per clip
     ids: list[str]
+    probabilities: np.ndarray | None = None  # per clip, every model label
 
     @property
     def n(self) -> int:
@@ -72,16 +73,48 @@ def clip_probabilities(window_probs: np.ndarray, data: Dataset) -> np.ndarray:
     return sums / np.maximum(counts, 1)
 
 
-def report_from(window_probs: np.ndarray, data: Dataset, model_labels: list[str]) -> Report:
-    """Score clip predictions; data labels are mapped onto the model's by name."""
+def report_from(window_probs: np.ndarray, data: Dataset, model_labels: list[str], among: list[str] | None = None) -> Report:
+    """Score clip predictions; data labels are mapped onto the model's by name.
+
+    With ``among`` (the data's genres), a model with a larger vocabulary is scored on
+    its choice among those genres only (GTZAN has no electronic to be right about).
+    """
     index = {g: i for i, g in enumerate(model_labels)}
     missing = [g for g in data.labels if g not in index]
     if missing:
         raise ValueError(f"data has genres the model does not know: {', '.join(missing)}")
     truth = np.zeros(data.n_clips, dtype=np.int64)
     truth[data.clip] = [index[data.labels[y]] for y in data.y]
-    predicted = clip_probabilities(window_probs, data).argmax(axis=1)
-    return Report(list(model_labels), truth, predicted, data.ids)
+    probs = clip_probabilities(window_probs, data)
+    if among is not None and list(among) != list(model_labels):
+        keep = np.array([index[g] for g in among])
+        predicted = keep[probs[:, keep].argmax(axis=1)]
+    else:
+        predicted = probs.argmax(axis=1)
+    return Report(list(model_labels), truth, predicted, data.ids, probs)
+
+
+def abstentions(report: Report, min_confidence: float, none_label: str | None = None) -> dict[str, float | int]:
+    """What a scan at ``min_confidence`` would write on these clips: nothing, right, wrong."""
+    if report.probabilities is None:
+        raise ValueError("the report has no probabilities")
+    p = report.probabilities
+    top = p.argmax(axis=1)
+    none = np.array([report.labels[t] == none_label for t in top])
+    nothing = (p.max(axis=1) < min_confidence) | none
+    right = ~nothing & (top == report.truth)
+    n = max(1, report.n)
+    written = int((~nothing).sum())
+    return {
+        "min_confidence": float(min_confidence),
+        "nothing": int(nothing.sum()),
+        "none_of_its_genres": int(none.sum()),
+        "written": written,
+        "right": int(right.sum()),
+        "wrong": written - int(right.sum()),
+        "precision": float(right.sum() / written) if written else 0.0,
+        "right_share": float(right.sum() / n),
+    }
 
 
 def plot_confusion(report: Report, path: str | Path, title: str = "") -> None:

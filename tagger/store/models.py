@@ -52,6 +52,7 @@ TRACK_PENDING = "pending"  # seen, not classified yet (or changed since)
 TRACK_CLASSIFIED = "classified"  # a prediction exists, tags not written (yet)
 TRACK_TAGGED = "tagged"  # genre tags written to the file
 TRACK_KEPT = "kept"  # classified, but the policy kept the file's existing tags
+TRACK_UNTAGGED = "untagged"  # classified, no genre written: low confidence or none of the model's (last_error says which)
 TRACK_FAILED = "failed"  # decoding / classifying / tagging failed, see last_error
 TRACK_REMOVED = "removed"  # deleted through tagger (or its delete job)
 TRACK_MISSING = "missing"  # vanished from disk without tagger doing it
@@ -60,6 +61,7 @@ TRACK_STATUSES = (
     TRACK_CLASSIFIED,
     TRACK_TAGGED,
     TRACK_KEPT,
+    TRACK_UNTAGGED,
     TRACK_FAILED,
     TRACK_REMOVED,
     TRACK_MISSING,

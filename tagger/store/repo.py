@@ -24,6 +24,7 @@ from .models import (
     TRACK_REMOVED,
     TRACK_STATUSES,
     TRACK_TAGGED,
+    TRACK_UNTAGGED,
     Model,
     Prediction,
     TagWrite,
@@ -143,7 +144,7 @@ def unsettled(session: Session, settings: str) -> set[str]:
     settled = _tracks.c.tag_settings.in_((settings, TAG_SETTINGS_RESTORED))
     rows = session.connection().execute(
         select(_tracks.c.path).where(
-            _tracks.c.status.in_((TRACK_CLASSIFIED, TRACK_TAGGED, TRACK_KEPT)),
+            _tracks.c.status.in_((TRACK_CLASSIFIED, TRACK_TAGGED, TRACK_KEPT, TRACK_UNTAGGED)),
             or_(_tracks.c.tag_settings.is_(None), ~settled),
         )
     )

@@ -44,9 +44,14 @@ class HeadConfig:
     densenet_weight: float = 0.0
     log10_gain: float = br.DEFAULT_LOG10_GAIN
     extra: dict = field(default_factory=dict)
+    #: Mixed data (``--labelled``): L2 strength of the label-set head, the temperature its
+    #: logits are divided by (fitted on held-out folds) and the folds' seed.
+    l2: float = 0.1
+    temperature: float = 1.0
+    seed: int = 0
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("patches", "embedding_dim", "c", "densenet_weight", "log10_gain", "extra")}
+        return {k: getattr(self, k) for k in ("patches", "embedding_dim", "c", "densenet_weight", "log10_gain", "extra", "l2", "temperature", "seed")}
 
 
 def window_features(mean_pool: np.ndarray, max_pool: np.ndarray, patches: int) -> np.ndarray:
