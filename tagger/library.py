@@ -176,6 +176,22 @@ class Options:
                 setattr(opts, k, v)
         return opts
 
+    def choose(self, probabilities: Mapping[str, float]) -> tuple[list[str], float, int]:
+        """The labels to write: the top ``top_k`` at or above ``min_confidence``.
+
+        Also the top probability, and how many of the top ``top_k`` were left out for
+        being below ``min_confidence`` while others were chosen (for the summary).
+        Shared by scan, the daemon and the beets plugin, so each writes the same genres.
+        """
+        ranked = sorted(probabilities.items(), key=lambda kv: -kv[1])[: self.top_k]
+        top = ranked[0][1] if ranked else 0.0
+        chosen = [g for g, p in ranked if p >= self.min_confidence]
+        return chosen, top, (len(ranked) - len(chosen) if chosen else 0)
+
+    def display(self, label: str) -> str:
+        """A label as written into tags (``[tags.names]``, else title case)."""
+        return self.names.get(label, label.title())
+
     def fingerprint(self) -> str:
         """A short hash of the settings that decide what a prediction writes.
 
@@ -276,18 +292,10 @@ class Library:
         return [f for f in files if f.path in stale and f.path not in skip]
 
     def choose(self, probabilities: Mapping[str, float]) -> tuple[list[str], float, int]:
-        """The labels to write: the top ``top_k`` at or above ``min_confidence``.
-
-        Also the top probability, and how many of the top ``top_k`` were left out for
-        being below ``min_confidence`` while others were chosen (for the summary).
-        """
-        ranked = sorted(probabilities.items(), key=lambda kv: -kv[1])[: self.options.top_k]
-        top = ranked[0][1] if ranked else 0.0
-        chosen = [g for g, p in ranked if p >= self.options.min_confidence]
-        return chosen, top, (len(ranked) - len(chosen) if chosen else 0)
+        return self.options.choose(probabilities)
 
     def display(self, label: str) -> str:
-        return self.options.names.get(label, label.title())
+        return self.options.display(label)
 
     def apply(self, result: Classification, seen: FileStat) -> Outcome:
         """Record a classification and write the genre into the file if the policy says so."""
