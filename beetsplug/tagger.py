@@ -4,7 +4,8 @@ A thin layer over tagger's library API: the same decoding, batched ONNX Runtime
 classifier (:func:`tagger.model.head.make_classifier`, a model bundle or learnt genres)
 and the same choice of genres (:meth:`tagger.library.Options.choose`) as ``tagger scan``.
 What differs is where the result goes: beets' own ``genres`` field, two flexible
-attributes (``tagger_confidence``, ``tagger_model``) and, when beets writes, the file's
+attributes (``tagger_confidence``, ``tagger_model``), tagger's marker (``tagger_marker``,
+written into the file as ``tagger scan`` writes it) and, when beets writes, the file's
 tags through beets (``item.try_write()``). tagger's own database is not touched.
 
 Behaviour follows beets' ``lastgenre``: ``auto`` adds an import stage, ``force: no`` leaves
@@ -36,7 +37,32 @@ if TYPE_CHECKING:
     from tagger.model.infer import Classification
 
 _TAGS = TagsConfig()
+#: the item field that holds tagger's marker (see :func:`_marker_field`)
+MARKER_FIELD = "tagger_marker"
 _MODEL = ModelConfig()
+
+
+def _marker_field() -> Any:
+    """tagger's marker (``TAGGER_GENRE``: which genres tagger added, by which model) as a
+    field beets writes with the rest: ``tagger scan`` then knows these genres as tagger's
+    own, and ``tagger learn`` never learns from them as if a person had chosen them."""
+    from mediafile import (
+        ASFStorageStyle,
+        MediaField,
+        MP3DescStorageStyle,
+        MP4StorageStyle,
+        StorageStyle,
+    )
+
+    from tagger.tags import asf, mp4
+    from tagger.tags.base import MARKER_NAME
+
+    return MediaField(
+        MP3DescStorageStyle(MARKER_NAME),
+        MP4StorageStyle(mp4.MARKER_KEY),
+        StorageStyle(MARKER_NAME),
+        ASFStorageStyle(asf.MARKER_KEY),
+    )
 
 
 def _joined(obj: Item | Album) -> str:
@@ -68,6 +94,7 @@ class TaggerPlugin(BeetsPlugin):
         )
         if self.config["auto"].get(bool):
             self.import_stages = [self.imported]
+        self.add_media_field(MARKER_FIELD, _marker_field())
         if "genre" not in Item._fields:  # beets < 2.7 has its own string field
             self.template_fields["genre"] = _joined
             self.album_template_fields["genre"] = _joined
@@ -152,9 +179,13 @@ class TaggerPlugin(BeetsPlugin):
                 counts["would-tag"] += 1
                 echo(f"{where}: would set genres {shown} ({top:.0%})" + (f", replacing {types.MULTI_VALUE_DSV.format(before)}" if before else ""))
                 continue
+            from tagger.tags import Marker
+
+            model = self.classifier().bundle.sha256[:12]  # the id tagger's own marker names
             item.genres = genres
             item.tagger_confidence = round(float(top), 4)
-            item.tagger_model = self.classifier().bundle.sha256[:12]
+            item.tagger_model = model
+            item[MARKER_FIELD] = Marker(tuple(genres), model, round(float(top), 4)).dumps()
             if write:
                 item.try_write()  # beets logs a failed write; its database still gets the genres
             item.store()

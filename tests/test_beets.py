@@ -21,6 +21,8 @@ pytest.importorskip("beets", reason="beets is not installed: pip install '.[beet
 import helpers  # noqa: E402
 from mutagen import File as MutagenFile  # noqa: E402
 
+from tagger import tags  # noqa: E402
+
 ROOT = helpers.ROOT
 #: (source clip, format): three MP3s and three FLACs of six genres, none with a genre tag
 CLIPS = [("rock", "mp3"), ("classical", "flac"), ("metal", "mp3"), ("jazz", "flac"), ("country", "mp3"), ("blues", "flac")]
@@ -130,11 +132,15 @@ def test_import_then_pretend_changes_nothing_then_tagger_sets_genres(music: dict
     for title in music:
         if title == "kept":
             assert stored[title] == [HAND, *UNSET]
+            assert tags.read_state(paths[title]).theirs == (HAND,)
             continue
         r = results[str(paths[title])]
         labels, top, _ = opts.choose(r.probabilities)
         assert stored[title] == [opts.display(labels[0]), f"{top:.2f}", model], title
         assert file_genres(paths[title]) == [opts.display(labels[0])], title
+        # tagger's own marker, as `tagger scan` writes it: these genres are tagger's, not a person's
+        state = tags.read_state(paths[title])
+        assert state.ours and state.theirs == () and state.marker.model == model, title
         assert MutagenFile(paths[title], easy=True)["title"] == [title]  # other tags kept
     # Run again: every item now has a genre, so nothing is decoded and nothing changes.
     files = digest(list(paths.values()))
@@ -188,3 +194,4 @@ def test_auto_import_count_min_confidence_and_force(music: dict[str, Path], ship
     genres, _, model = beet.rows("$genres|$tagger_confidence|$tagger_model", "title:kept")["kept"]
     assert HAND not in genres and model == shipped[0]
     assert file_genres(path) == genres.split("; ")  # two genres, each its own tag value
+    assert tags.read_state(path).added == tuple(genres.split("; "))
