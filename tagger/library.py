@@ -178,6 +178,25 @@ class Options:
                 setattr(opts, k, v)
         return opts
 
+    def choose(self, probabilities: Mapping[str, float]) -> tuple[list[str], float, int]:
+        """The labels to write: the top ``top_k`` at or above ``min_confidence``.
+
+        Also the top probability, and how many of the top ``top_k`` were left out for
+        being below ``min_confidence`` while others were chosen (for the summary).
+        Shared by scan, the daemon and the beets plugin, so each writes the same genres.
+        """
+        ranked = sorted(probabilities.items(), key=lambda kv: -kv[1])
+        top = ranked[0][1] if ranked else 0.0
+        if ranked and ranked[0][0] == NONE_LABEL:  # "none of my genres" first: nothing is written
+            return [], top, 0
+        ranked = [kv for kv in ranked if kv[0] != NONE_LABEL][: self.top_k]
+        chosen = [g for g, p in ranked if p >= self.min_confidence]
+        return chosen, top, (len(ranked) - len(chosen) if chosen else 0)
+
+    def display(self, label: str) -> str:
+        """A label as written into tags (``[tags.names]``, else tagger's own name for it)."""
+        return vocabulary.display(label, self.names)
+
     def fingerprint(self) -> str:
         """A short hash of the settings that decide what a prediction writes.
 
@@ -278,20 +297,7 @@ class Library:
         return [f for f in files if f.path in stale and f.path not in skip]
 
     def choose(self, probabilities: Mapping[str, float]) -> tuple[list[str], float, int]:
-        """The labels to write: the top ``top_k`` at or above ``min_confidence``.
-
-        Also the top probability, and how many of the top ``top_k`` were left out for
-        being below ``min_confidence`` while others were chosen (for the summary). A
-        model's "none of my genres" label (:data:`~tagger.vocabulary.NONE_LABEL`) is never
-        written: where it ranks first, nothing is.
-        """
-        ranked = sorted(probabilities.items(), key=lambda kv: -kv[1])
-        top = ranked[0][1] if ranked else 0.0
-        if ranked and ranked[0][0] == NONE_LABEL:
-            return [], top, 0
-        ranked = [kv for kv in ranked if kv[0] != NONE_LABEL][: self.options.top_k]
-        chosen = [g for g, p in ranked if p >= self.options.min_confidence]
-        return chosen, top, (len(ranked) - len(chosen) if chosen else 0)
+        return self.options.choose(probabilities)
 
     def why_untagged(self, probabilities: Mapping[str, float]) -> tuple[str, str]:
         """The outcome's action and the reason recorded when :meth:`choose` writes nothing."""
@@ -303,7 +309,7 @@ class Library:
         return "low-confidence", f"low confidence: {best} {p:.2f} < {self.options.min_confidence:.2f}"
 
     def display(self, label: str) -> str:
-        return vocabulary.display(label, self.options.names)
+        return self.options.display(label)
 
     def apply(self, result: Classification, seen: FileStat) -> Outcome:
         """Record a classification and write the genre into the file if the policy says so."""
