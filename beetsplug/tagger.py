@@ -28,6 +28,7 @@ from beets.plugins import BeetsPlugin
 
 # tagger.config is dataclasses only (no numpy, no model): cheap at every beet start.
 from tagger.config import ModelConfig, TagsConfig
+from tagger.vocabulary import NONE_LABEL
 
 if TYPE_CHECKING:
     from beets.importer import ImportSession, ImportTask
@@ -168,9 +169,13 @@ class TaggerPlugin(BeetsPlugin):
                 continue
             labels, top, _ = opts.choose(result.probabilities)
             if not labels:
-                counts["low-confidence"] += 1
                 best, p = max(result.probabilities.items(), key=lambda kv: kv[1])
-                self._log.warning("no genre for {}: low confidence ({} {:.2f} < {:.2f})", item, opts.display(best), p, opts.min_confidence)
+                if best == NONE_LABEL:
+                    counts["no-genre"] += 1
+                    self._log.warning("no genre for {}: none of the model's genres ({} {:.2f})", item, best, p)
+                else:
+                    counts["low-confidence"] += 1
+                    self._log.warning("no genre for {}: low confidence ({} {:.2f} < {:.2f})", item, opts.display(best), p, opts.min_confidence)
                 continue
             genres = [opts.display(g) for g in labels]
             shown = types.MULTI_VALUE_DSV.format(genres)
