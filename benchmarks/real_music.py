@@ -103,13 +103,7 @@ def main() -> int:
         real_probs_rows = rep["real_music"]
         # per-genre table at the asked threshold
         idx = [i for i, s in enumerate(data.sources) if s != "gtzan"]
-        tp, tracks = scoring.track_mean(probs[idx], [data.tracks[i] for i in idx])
-        first: dict[str, int] = {}
-        for i in idx:
-            first.setdefault(data.tracks[i], i)
-        truth = mixed.truth_sets(data, table)
-        allowed = [truth[first[x]] for x in tracks]
-        names = [mixed._genre_group(data.names[first[x]], data.sources[first[x]]) for x in tracks]
+        tp, tracks, allowed, names = mixed.per_track(probs[idx], data, idx, table)
         result["temperature"] = t
         result["gtzan_cv_accuracy"] = rep["gtzan"]["accuracy_among_its_genres"]
     else:
@@ -117,14 +111,7 @@ def main() -> int:
 
         mode = "bundle run as it is (it never saw these windows)"
         clf = Classifier(bundle, workers=0)
-        wp = clf.predict_windows(extra.x)
-        tp, tracks = scoring.track_mean(wp, extra.tracks)
-        first = {}
-        for i, x in enumerate(extra.tracks):
-            first.setdefault(x, i)
-        truth = mixed.truth_sets(extra, table)
-        allowed = [truth[first[x]] for x in tracks]
-        names = [mixed._genre_group(extra.names[first[x]], extra.sources[first[x]]) for x in tracks]
+        tp, tracks, allowed, names = mixed.per_track(clf.predict_windows(extra.x), extra, range(len(extra)), table)
         real_probs_rows = {"curve": scoring.curve(tp, labels, allowed), "tracks": len(tracks)}
         vrep = report_from(clf.predict_windows(valid.x), valid, labels, among=valid.labels)
         if (training.get("data", {}).get("train") or {}).get("clips", 0) > len(train.ids):

@@ -218,6 +218,7 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
                     cache_dir=cache.parent / "teacher-cache", progress=lambda s: click.echo(s, err=True),
                 )
             elif labelled is not None:
+                from .model.bundle import file_sha256
                 from .teacher.branch import HeadConfig
                 from .teacher.mixed import run_mixed_training
 
@@ -225,7 +226,7 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
                 for key, value in {"patches": patches, "embedding_dim": embedding_dim, "l2": l2, "seed": seed}.items():
                     if value is not None:
                         setattr(hc, key, value)
-                summary["labelled"] = [{"file": Path(p).name, "sha256": _sha256(p)} for p in labelled_paths]
+                summary["labelled"] = [{"file": Path(p).name, "sha256": file_sha256(Path(p))} for p in labelled_paths]
                 vocab = [v.strip().lower() for v in vocabulary_list.split(",") if v.strip()] if vocabulary_list else None
                 try:
                     bundle, metrics = run_mixed_training(
@@ -254,16 +255,6 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
     if "valid" in metrics:
         agreement = f"; tag agreement with the teacher {metrics['valid_tag_agreement']:.3f}" if "valid_tag_agreement" in metrics else ""
         click.echo(f"valid accuracy {metrics['valid']['accuracy']:.2%} on {metrics['valid']['n']} clips{agreement}")
-
-
-def _sha256(path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _echo_cv(metrics: dict) -> None:

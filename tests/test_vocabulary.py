@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -181,6 +182,23 @@ def test_mixed_training_writes_a_calibrated_bundle_with_the_vocabulary(mixed_bun
     assert "/" not in t["data"]["source"]  # a name, not the training machine's path
 
 
+def _tagger(cfg: Path, *args: str) -> subprocess.CompletedProcess:
+    """The real command under ``cfg``, with no $TAGGER_CONFIG from outside."""
+    env = {k: v for k, v in os.environ.items() if k != "TAGGER_CONFIG"}
+    return subprocess.run([sys.executable, "-m", "tagger.cli", "--config", str(cfg), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _scan(tmp_path: Path, lib: Path, settings: str) -> tuple[list[dict], Path, Path]:
+    """``tagger scan --json LIB`` on a new database with ``settings`` (TOML lines after ``[database]``):
+    the files' outcomes, the database and the config."""
+    db = tmp_path / "t.db"
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[database]\npath = "{db}"\n{settings}')
+    proc = _tagger(cfg, "scan", "--json", str(lib))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)["files"], db, cfg
+
+
 def test_track_outside_the_vocabulary_is_recorded_not_tagged(mixed_bundle, shared_audio, ffmpeg, tmp_path):
     """A reggae song (the model's "other") gets no genre, status ``untagged`` and the reason; a metal song is tagged."""
     lib = tmp_path / "lib"
@@ -190,20 +208,15 @@ def test_track_outside_the_vocabulary_is_recorded_not_tagged(mixed_bundle, share
     helpers.run_ffmpeg("-i", shared_audio / "reggae" / "reggae.00001.flac", "-c:a", "libmp3lame", "-q:a", "5", reggae)
     shutil.copy(shared_audio / "metal" / "metal.00001.flac", metal)
     before = helpers.exact_tags(reggae)
-    db = tmp_path / "t.db"
-    cfg = tmp_path / "config.toml"
-    cfg.write_text(f'[database]\npath = "{db}"\n[model]\npath = "{mixed_bundle}"\nworkers = 1\n[tags]\nmin_confidence = 0.0\n')
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TAGGER_CONFIG"}
-    proc = subprocess.run([sys.executable, "-m", "tagger.cli", "--config", str(cfg), "scan", "--json", str(lib)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = {Path(f["path"]).name: f for f in json.loads(proc.stdout)["files"]}
+    files, db, cfg = _scan(tmp_path, lib, f'[model]\npath = "{mixed_bundle}"\nworkers = 1\n[tags]\nmin_confidence = 0.0\n')
+    out = {Path(f["path"]).name: f for f in files}
     assert out["reggae.mp3"]["action"] == "no-genre", out
     assert "none of the model's genres" in out["reggae.mp3"]["reason"]
     assert out["metal.flac"]["action"] == "tagged" and out["metal.flac"]["genres"] == ["Metal"]
     assert helpers.exact_tags(reggae) == before  # nothing written
     track = helpers.rows(db, "SELECT status, last_error FROM tracks WHERE path = ?", str(reggae))[0]
     assert track["status"] == "untagged" and "none of the model's genres" in track["last_error"]
-    show = subprocess.run([sys.executable, "-m", "tagger.cli", "--config", str(cfg), "show", str(reggae)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    show = _tagger(cfg, "show", str(reggae))
     assert "untagged" in show.stdout and "none of the model's genres" in show.stdout
 
 
@@ -214,13 +227,7 @@ def test_low_confidence_is_recorded_with_its_reason(shared_audio, tmp_path):
     song = lib / "blues.flac"
     shutil.copy(shared_audio / "blues" / "blues.00002.flac", song)
     before = helpers.exact_tags(song)
-    db = tmp_path / "t.db"
-    cfg = tmp_path / "config.toml"
-    cfg.write_text(f'[database]\npath = "{db}"\n[model]\nworkers = 1\n[tags]\nmin_confidence = 0.999\n')
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TAGGER_CONFIG"}
-    proc = subprocess.run([sys.executable, "-m", "tagger.cli", "--config", str(cfg), "scan", "--json", str(lib)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (f,) = json.loads(proc.stdout)["files"]
+    (f,), db, _ = _scan(tmp_path, lib, "[model]\nworkers = 1\n[tags]\nmin_confidence = 0.999\n")
     assert f["action"] in ("low-confidence", "no-genre") and f["genres"] == []
     assert helpers.exact_tags(song) == before
     track = helpers.rows(db, "SELECT status, last_error FROM tracks")[0]

@@ -98,11 +98,12 @@ def abstentions(report: Report, min_confidence: float, none_label: str | None = 
     """What a scan at ``min_confidence`` would write on these clips: nothing, right, wrong."""
     if report.probabilities is None:
         raise ValueError("the report has no probabilities")
-    p = report.probabilities
-    top = p.argmax(axis=1)
+    from .scoring import written
+
+    top, write = written(report.probabilities, report.labels, min_confidence, none_label)
     none = np.array([report.labels[t] == none_label for t in top])
-    nothing = (p.max(axis=1) < min_confidence) | none
-    right = ~nothing & (top == report.truth)
+    nothing = ~write
+    right = write & (top == report.truth)
     n = max(1, report.n)
     written = int((~nothing).sum())
     return {

@@ -27,10 +27,10 @@ def track_mean(window_probs: np.ndarray, tracks: Sequence[str]) -> tuple[np.ndar
     return sums / np.bincount(inv)[:, None], list(order)
 
 
-def written(probs: np.ndarray, labels: Sequence[str], threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def written(probs: np.ndarray, labels: Sequence[str], threshold: float, none_label: str | None = NONE_LABEL) -> tuple[np.ndarray, np.ndarray]:
     """The top label of each row and whether a scan at ``threshold`` writes it."""
     top = probs.argmax(axis=1)
-    none = np.array([labels[t] == NONE_LABEL for t in top])
+    none = np.array([labels[t] == none_label for t in top], dtype=bool)
     return top, (probs.max(axis=1) >= threshold) & ~none
 
 

@@ -198,18 +198,11 @@ def cv_report(probs: np.ndarray, data: Labelled, labels: Sequence[str], table: M
         truth = {t: n for t, n, m in zip(data.tracks, data.names, g, strict=True) if m}
         pred = [labels[gi[j]] for j in tp[:, gi].argmax(axis=1)]
         report["gtzan"] = {"tracks": len(tracks), "accuracy_among_its_genres": float(np.mean([p == truth[t] for p, t in zip(pred, tracks, strict=True)]))}
-    r = ~g
-    if r.any():
-        idx = np.where(r)[0]
-        tp, tracks = scoring.track_mean(probs[idx], [data.tracks[i] for i in idx])
-        first = {}
-        for i in idx:
-            first.setdefault(data.tracks[i], i)
-        truth = truth_sets(data, table)
-        allowed = [truth[first[t]] for t in tracks]
+    idx = np.where(~g)[0]
+    if len(idx):
+        tp, tracks, allowed, names = per_track(probs[idx], data, idx, table)
         rows = scoring.curve(tp, labels, allowed)
         chosen = scoring.choose_threshold(rows, precision)
-        names = [_genre_group(data.names[first[t]], data.sources[first[t]]) for t in tracks]
         report["real_music"] = {
             "tracks": len(tracks),
             "curve": rows,
@@ -218,6 +211,19 @@ def cv_report(probs: np.ndarray, data: Labelled, labels: Sequence[str], table: M
             "per_source_genre": scoring.by_group(tp, labels, allowed, names, chosen),
         }
     return report
+
+
+def per_track(probs: np.ndarray, data: Labelled, rows: Sequence[int], table: Mapping[str, frozenset[str]]) -> tuple[np.ndarray, list[str], list[frozenset[str]], list[str]]:
+    """Window probabilities of ``data``'s windows ``rows`` as tracks: their mean, the tracks,
+    what each track's source allows, and its source genre group (for per-genre tables)."""
+    tp, tracks = scoring.track_mean(probs, [data.tracks[i] for i in rows])
+    first: dict[str, int] = {}
+    for i in rows:
+        first.setdefault(data.tracks[i], i)
+    truth = truth_sets(data, table)
+    allowed = [truth[first[t]] for t in tracks]
+    names = [_genre_group(data.names[first[t]], data.sources[first[t]]) for t in tracks]
+    return tp, tracks, allowed, names
 
 
 def _genre_group(names: str, source: str) -> str:
