@@ -362,7 +362,7 @@ def open_database(ctx: Context):
 @click.option("--model", "model_path", type=click.Path(exists=True), default=None, help="Model bundle or learnt genres (`tagger learn --out DIR`) to use instead of [model] path.")
 @click.option("--embed", is_flag=True, help="Only store embeddings for files that have none (for learn and similar); no tags, no predictions.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="Where decoding and the model run: this machine, or a Ray cluster (the ray extra; docs/cluster.md).")
-@click.option("--address", default=None, help="Ray cluster to join with --engine ray: auto (the default, or $RAY_ADDRESS) or HOST:PORT.")
+@click.option("--address", default=None, help="Ray cluster to join with --engine ray: auto or HOST:PORT (default: [ray] address).")
 @pass_ctx
 def scan(ctx: Context, paths, dry_run, force, policy, top_k, min_confidence, as_json, model_path, embed, engine, address) -> None:
     """Classify and tag the music under PATHS (default: [library] folders)."""

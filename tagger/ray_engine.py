@@ -20,12 +20,14 @@ is tagged once. A path a node cannot see is a per-file error that names the node
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import ipaddress
 import logging
 import math
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -210,11 +212,13 @@ def write_on_node(order: WriteOrder) -> Written:
 class RayEngine:
     """Connects to a cluster and runs :meth:`process` in place of ``Library.process``."""
 
-    def __init__(self, address: str | None = None, *, batch_size: int = 64, max_windows: int = 2):
-        self.address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    def __init__(self, address: str | None = None, *, batch_size: int = 64, max_windows: int = 2, model_actors: int = 0):
+        self.address = address or "auto"
         self.batch_size = int(batch_size)
         self.max_windows = int(max_windows)
+        self.model_actors = int(model_actors)
         self._connected = False
+        self._stdout: contextlib.AbstractContextManager | None = None
 
     def connect(self) -> None:
         """Join the cluster (started with ``ray start`` or KubeRay); a one-line error if none."""
@@ -232,9 +236,15 @@ class RayEngine:
                 _reachable(host, port)
         import ray
 
+        # Ray prints cluster events (a node lost, an actor restarted) on stdout; they are
+        # diagnostics, so they go to stderr while connected and stdout stays the summary
+        # (or --json) alone.
+        self._stdout = contextlib.redirect_stdout(sys.stderr)
+        self._stdout.__enter__()
         try:
             ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING, namespace="tagger")
         except (ConnectionError, RuntimeError, ValueError) as exc:
+            self._restore_stdout()
             raise RayEngineError(f"no Ray cluster at {self.address}: {_one_line(exc)} (start one with `ray start --head`)") from None
         self._connected = True
         from ray.data import DataContext
@@ -252,6 +262,12 @@ class RayEngine:
 
             ray.shutdown()
             self._connected = False
+        self._restore_stdout()
+
+    def _restore_stdout(self) -> None:
+        if self._stdout is not None:
+            self._stdout.__exit__(None, None, None)
+            self._stdout = None
 
     def describe(self) -> str:
         import ray
@@ -274,9 +290,13 @@ class RayEngine:
         # batches run again: Ray Data's defaults.
         ds = ds.map(decode_row, fn_kwargs={"max_windows": self.max_windows}, num_cpus=1, memory=DECODE_MEMORY)
         files_per_batch = max(1, self.batch_size // max(1, self.max_windows))
-        # One actor per GPU; on CPUs the pool starts at one and may grow to one per node
-        # while the model is what the scan waits for.
-        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=gpus or nodes)
+        # One actor per GPU; on CPUs the pool starts at one and may grow to one per two
+        # nodes while the model is what the scan waits for (decoding takes most of the
+        # CPU time); ``[ray] model_actors`` fixes it.
+        if self.model_actors > 0:
+            pool = ray.data.ActorPoolStrategy(size=self.model_actors)
+        else:
+            pool = ray.data.ActorPoolStrategy(min_size=1, max_size=gpus or max(1, nodes // 2))
         return ds.map_batches(
             ModelActor,
             fn_constructor_kwargs={"model": [model_ref], "cpu_chunk": cpu_chunk, "batch_size": self.batch_size},

@@ -230,7 +230,7 @@ def _ray_engine(engine: str, address: str | None, embed: bool, cfg):
         fail(f"--engine ray needs Ray: {ray_engine.EXTRA}")
     if embed:
         fail("--embed runs on this machine only: leave out --engine ray")
-    return ray_engine.RayEngine(address, batch_size=cfg.model.batch_size, max_windows=cfg.model.max_windows)
+    return ray_engine.RayEngine(address or cfg.ray.address, batch_size=cfg.model.batch_size, max_windows=cfg.model.max_windows, model_actors=cfg.ray.model_actors)
 
 
 def _is_cluster_error(exc: Exception) -> bool:
