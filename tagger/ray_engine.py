@@ -54,8 +54,10 @@ FILES_PER_TASK = 2
 DECODE_MEMORY = 400 * 2**20
 #: Tag writes in flight at once (each a small Ray task).
 WRITES_IN_FLIGHT = 64
-#: Retries of a write task whose node was lost (its result never came back).
+#: Retries of a write whose node was lost (its result never came back).
 WRITE_RETRIES = 5
+#: Writes one node's writer makes at once (they wait on the disk or the share, not the CPU).
+WRITER_THREADS = 4
 #: The one-line reason for a path a node does not have.
 NOT_SEEN = "no such file on node {node} (every node must see the library at the same path)"
 
@@ -206,6 +208,14 @@ def write_on_node(order: WriteOrder) -> Written:
     return write_tags(order)
 
 
+class Writer:
+    """Makes the tag writes of one node: a long-lived process (a task per write would start
+    a Ray worker, and import tagger, for every few files), a few writes at a time."""
+
+    def write(self, order: WriteOrder) -> Written:
+        return write_on_node(order)
+
+
 # --- the driver ----------------------------------------------------------------------
 
 
@@ -324,7 +334,15 @@ class RayEngine:
         onnx = (base.path / "model.onnx").read_bytes()
         model_ref = ray.put(onnx)
         cpu_chunk = base.meta.get("runtime", {}).get("cpu_chunk")
-        writer = ray.remote(num_cpus=0, max_retries=WRITE_RETRIES)(write_on_node)
+        # One writer per node that decodes, made when its first write comes. A writer lost
+        # with its node starts again elsewhere and its writes run again (they are idempotent).
+        writer_class = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=WRITE_RETRIES, max_concurrency=WRITER_THREADS)(Writer)
+        writers: dict[str, Any] = {}
+
+        def writer(node: str) -> Any:
+            if node not in writers:
+                writers[node] = writer_class.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)).remote()
+            return writers[node]
         by_path = {f.path: f for f in files}
         pending: dict[Any, TagJob] = {}
 
@@ -353,7 +371,7 @@ class RayEngine:
                         out = library.apply(result, by_path[result.path], defer=True)
                         if isinstance(out, TagJob):
                             node = str(row["node"])
-                            ref = writer.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)).remote(out.order)
+                            ref = writer(node).write.remote(out.order)
                             pending[ref] = out
                         else:
                             yield out
@@ -373,6 +391,9 @@ class RayEngine:
                         library.finish(job, ray.get(ref))
                     except ray.exceptions.RayError as exc:
                         library.abandon(job, _one_line(exc))
+            for handle in writers.values():
+                with contextlib.suppress(Exception):
+                    ray.kill(handle)
 
 
 def _classification(row: dict[str, Any], labels: list[str], head: HeadBundle | None) -> Classification:
