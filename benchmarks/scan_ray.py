@@ -13,7 +13,8 @@ The clusters are ``ray.cluster_utils.Cluster`` nodes, every address on 127.0.0.1
 before and stopped after each scan (their start-up is printed, not counted: a cluster is
 started once and scanned many times). Each scan is the real CLI in a child process.
 Memory: the scan's peak RSS (``wait4``) and the peak PSS summed over every process of the
-scan and of the cluster (sampled every 0.25 s from /proc). The genres written are compared
+scan and of the cluster (sampled from /proc every 0.25 s for a local scan, every second for
+a Ray scan and its cluster). The genres written are compared
 with the local scan's. Prints figures; nothing is asserted.
 """
 
@@ -39,9 +40,12 @@ LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # keep Ray's nodes on 127
 
 
 class TreeSampler(threading.Thread):
-    """Peak PSS of every process below ``pid`` (``pid`` itself left out)."""
+    """Peak PSS of every process below ``pid`` (``pid`` itself left out).
 
-    def __init__(self, pid: int, interval: float = 0.25):
+    Once a second: reading smaps of the thirty-odd processes of a cluster takes CPU time
+    from the scan being measured."""
+
+    def __init__(self, pid: int, interval: float = 1.0):
         super().__init__(daemon=True)
         self.pid, self.interval, self.peak_pss = pid, interval, 0.0
         self._stop_event = threading.Event()
