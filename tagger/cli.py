@@ -432,12 +432,14 @@ def open_database(ctx: Context):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the summary and every file's outcome.")
 @click.option("--model", "model_path", type=click.Path(exists=True), default=None, help="Model bundle or learnt genres (`tagger learn --out DIR`) to use instead of [model] path.")
 @click.option("--embed", is_flag=True, help="Only store embeddings for files that have none (for learn and similar); no tags, no predictions.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="Where decoding and the model run: this machine, or a Ray cluster (the ray extra; docs/cluster.md).")
+@click.option("--address", default=None, help="Ray cluster to join with --engine ray: auto or HOST:PORT (default: [ray] address).")
 @pass_ctx
-def scan(ctx: Context, paths, dry_run, force, policy, top_k, min_confidence, as_json, model_path, embed) -> None:
+def scan(ctx: Context, paths, dry_run, force, policy, top_k, min_confidence, as_json, model_path, embed, engine, address) -> None:
     """Classify and tag the music under PATHS (default: [library] folders)."""
     from .scan import run_scan
 
-    sys.exit(run_scan(ctx, paths, dry_run=dry_run, force=force, policy=policy, top_k=top_k, min_confidence=min_confidence, as_json=as_json, model_path=model_path, embed=embed))
+    sys.exit(run_scan(ctx, paths, dry_run=dry_run, force=force, policy=policy, top_k=top_k, min_confidence=min_confidence, as_json=as_json, model_path=model_path, embed=embed, engine=engine, address=address))
 
 
 @main.command()

@@ -93,6 +93,12 @@ class DaemonConfig:
 
 
 @dataclass
+class RayConfig:
+    address: str = "auto"
+    model_actors: int = 0
+
+
+@dataclass
 class Config:
     library: LibraryConfig = field(default_factory=LibraryConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
@@ -100,6 +106,7 @@ class Config:
     tags: TagsConfig = field(default_factory=TagsConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     learn: LearnConfig = field(default_factory=LearnConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     source: Path | None = None
 
     def folders(self) -> list[Path]:

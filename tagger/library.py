@@ -18,7 +18,7 @@ import stat as statmod
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import paths as paths_
@@ -230,6 +230,87 @@ def _fold(genres: Iterable[str]) -> tuple[str, ...]:
     return tuple(g.casefold() for g in genres)
 
 
+@dataclass(frozen=True)
+class WriteOrder:
+    """One genre write, all that the machine making it needs (small, picklable).
+
+    ``seen`` is the file as the scan last looked at it: ``(st_dev, st_ino, st_size,
+    st_mtime_ns)``.
+    """
+
+    path: str
+    genres: tuple[str, ...]
+    marker: tags.Marker | None
+    separator: str
+    seen: tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Written:
+    """What became of a :class:`WriteOrder`: the file's new size and mtime, or why not."""
+
+    size: int = 0
+    mtime: float = 0.0
+    changed: bool = False  # the file was not the one looked at: nothing was written
+    error: str | None = None  # the one-line reason the write failed
+
+
+@dataclass
+class TagJob:
+    """A write decided under the policy, with what recording it takes (see :meth:`Library.begin`)."""
+
+    order: WriteOrder
+    track_id: int
+    change: dict = field(repr=False)
+    state: tags.GenreState = field(repr=False)
+    settings: str
+    outcome: Outcome
+    write_id: int | None = None
+
+    @property
+    def path(self) -> str:
+        return self.order.path
+
+
+def write_tags(order: WriteOrder) -> Written:
+    """Make ``order``'s write on this machine; a bad file is a :class:`Written`, never a raise.
+
+    Safe to run twice (a task retried after its machine was lost): a file that already
+    holds exactly this write is reported written, not changed. The device number is
+    compared only on the machine that looked at the file: another machine's mount of
+    the same share has its own.
+    """
+    path = order.path
+    dev, ino, size, mtime_ns = order.seen
+    try:
+        now: os.stat_result | None = os.stat(path)
+    except OSError:
+        now = None  # write_genres says why, as it does locally
+    if now is not None:
+        same_file = now.st_ino == ino or now.st_dev != dev
+        if not (same_file and (now.st_size, now.st_mtime_ns) == (size, mtime_ns)):
+            if _holds(order):
+                return Written(now.st_size, now.st_mtime)
+            return Written(changed=True)
+    try:
+        tags.write_genres(path, order.genres, order.marker, separator=order.separator, expect=now)
+    except tags.FileChanged:
+        return Written(changed=True)
+    except tags.TagError as exc:
+        return Written(error=exc.reason)
+    st = os.stat(path)
+    return Written(st.st_size, st.st_mtime)
+
+
+def _holds(order: WriteOrder) -> bool:
+    """Whether the file already holds exactly what ``order`` writes (genres and marker)."""
+    try:
+        state = tags.read_state(order.path, separator=order.separator)
+    except tags.TagError:
+        return False
+    return _fold(state.genres) == _fold(order.genres) and state.marker == order.marker
+
+
 class Library:
     """The database, a classifier and the tagging options, composed."""
 
@@ -311,8 +392,12 @@ class Library:
     def display(self, label: str) -> str:
         return self.options.display(label)
 
-    def apply(self, result: Classification, seen: FileStat) -> Outcome:
-        """Record a classification and write the genre into the file if the policy says so."""
+    def apply(self, result: Classification, seen: FileStat, *, defer: bool = False) -> Outcome | TagJob:
+        """Record a classification and write the genre into the file if the policy says so.
+
+        ``defer``: a write is recorded write-ahead and handed back as a :class:`TagJob`
+        instead of made (see :meth:`_tag`); everything else happens as without it.
+        """
         path = result.path
         if not result.ok:
             with self.db.session() as s:
@@ -337,7 +422,7 @@ class Library:
                 embeddings.store(s, track.id, emb_model_id, result.embedding, result.windows)
             track_id = track.id
         model_tag = self.classifier.bundle.sha256[:12] if self.classifier else ""
-        return self._tag(path, track_id, st, result.probabilities, model_id, model_tag)
+        return self._tag(path, track_id, st, result.probabilities, model_id, model_tag, defer=defer)
 
     def reapply(self, seen: FileStat) -> Outcome | None:
         """Apply the current tag settings to an unchanged file from its stored prediction.
@@ -389,32 +474,49 @@ class Library:
             return Outcome(path, "changed", reason="changed during the scan; will be classified again")
         return st
 
-    def _tag(self, path: str, track_id: int, st: os.stat_result, probabilities: Mapping[str, float], model_id: int, model_tag: str) -> Outcome:
-        """Decide under the policy and write; record the outcome and the settings it was decided under."""
+    def _tag(self, path: str, track_id: int, st: os.stat_result, probabilities: Mapping[str, float], model_id: int, model_tag: str, *, defer: bool = False) -> Outcome | TagJob:
+        """Decide under the policy and write; record the outcome and the settings it was decided under.
+
+        ``defer``: stop once the write-ahead record is committed and hand back the
+        :class:`TagJob`, for an engine that makes the write on another machine
+        (:func:`write_tags` there, then :meth:`finish` here).
+        """
+        job = self._plan(path, track_id, st, probabilities, model_id, model_tag)
+        if isinstance(job, Outcome):
+            return job
+        if defer:
+            self.begin(job)
+            return job
+        with _interrupt_deferred():  # the record, the write and the bookkeeping go together
+            self.begin(job)
+            return self.finish(job, write_tags(job.order))
+
+    def _settle(self, path: str, status: str, error: str | None = None, settled: str | None = None) -> None:
+        with self.db.session() as s:
+            repo.set_status(s, path, status, error=error)
+            repo.set_tag_settings(s, path, settled)
+
+    def _plan(self, path: str, track_id: int, st: os.stat_result, probabilities: Mapping[str, float], model_id: int, model_tag: str) -> Outcome | TagJob:
+        """Everything up to the write: the outcome when there is nothing to write, else the job."""
         opts = self.options
         settings = opts.fingerprint()
         labels, top, below = self.choose(probabilities)
         genres = tuple(self.display(g) for g in labels)
 
-        def settle(status: str, error: str | None = None, settled: str | None = settings) -> None:
-            with self.db.session() as s:
-                repo.set_status(s, path, status, error=error)
-                repo.set_tag_settings(s, path, settled)
-
         if not genres:
             action, why = self.why_untagged(probabilities)
-            settle(TRACK_UNTAGGED, why)
+            self._settle(path, TRACK_UNTAGGED, why, settled=settings)
             return Outcome(path, action, confidence=top, reason=why)
         try:
             state = self._ours_only(tags.read_state(path, separator=opts.separator), track_id)
         except tags.TagError as exc:
-            settle(TRACK_CLASSIFIED, f"tags unreadable: {exc.reason}", None)
+            self._settle(path, TRACK_CLASSIFIED, f"tags unreadable: {exc.reason}")
             return Outcome(path, "failed", genres, confidence=top, reason=exc.reason, below=below)
         note = _content_note(path, state.kind)
         d = tags.decide(state, genres, opts.policy)
         if d.genres is None:
             status = TRACK_TAGGED if state.ours else TRACK_KEPT
-            settle(status)
+            self._settle(path, status, settled=settings)
             action = "kept" if status == TRACK_KEPT else "unchanged"
             return Outcome(path, action, genres, state.genres, top, d.reason + note, below)
         new = d.genres
@@ -425,37 +527,52 @@ class Library:
             # Nothing was written: the status says what the file holds now (tagger's genre,
             # only a person's, or none), and the settings stay unsettled so that the next
             # real scan does what this one showed.
-            settle(TRACK_TAGGED if state.ours else TRACK_KEPT if state.genres else TRACK_CLASSIFIED, settled=None)
+            self._settle(path, TRACK_TAGGED if state.ours else TRACK_KEPT if state.genres else TRACK_CLASSIFIED)
             return Outcome(path, "would-tag", new, state.genres, top, d.reason + note, below)
         marker = tags.Marker(d.added, model_tag, round(top, 4)) if d.added else None
-        self._drop_unwritten(track_id, state)
-        # Write-ahead: the record of the change is committed before the file is touched,
-        # so even a kill -9 mid-write leaves restore its "before" value. Restore only acts
-        # where the file holds what the record says was written, so a write that never
-        # happened is harmless.
-        with _interrupt_deferred():  # the record, the write and the bookkeeping go together
+        done = Outcome(path, "tagged", new, state.genres, top, d.reason + note, below)
+        order = WriteOrder(path, new, marker, opts.separator, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        return TagJob(order, track_id, change, state, settings, done)
+
+    def begin(self, job: TagJob) -> None:
+        """Commit the write-ahead record of ``job``: the record of the change goes in before
+        the file is touched, so even a kill -9 mid-write leaves restore its "before" value.
+        Restore only acts where the file holds what the record says was written, so a write
+        that never happened is harmless."""
+        self._drop_unwritten(job.track_id, job.state)
+        with self.db.session() as s:
+            job.write_id = repo.record_tag_write(s, job.track_id, **job.change).id
+
+    def finish(self, job: TagJob, written: Written) -> Outcome:
+        """Record what became of ``job``'s write (made here or on another machine)."""
+        path, done = job.path, job.outcome
+        if written.changed:  # moved, deleted or edited meanwhile: nothing was written
             with self.db.session() as s:
-                write_id = repo.record_tag_write(s, track_id, **change).id
-            try:
-                tags.write_genres(path, new, marker, separator=opts.separator, expect=st)
-            except tags.FileChanged:
-                # Moved, deleted or edited meanwhile: nothing was written.
-                with self.db.session() as s:
-                    repo.delete_tag_write(s, write_id)
-                    _forget(s, path, "changed while being tagged")
-                return Outcome(path, "changed", new, state.genres, top, "changed while being tagged; will be classified again", below)
-            except tags.TagError as exc:
-                with self.db.session() as s:
-                    repo.delete_tag_write(s, write_id)
-                settle(TRACK_CLASSIFIED, f"tag write failed: {exc.reason}", None)
-                return Outcome(path, "failed", new, state.genres, top, f"tag write failed: {exc.reason}", below)
-            st = os.stat(path)
-            status = TRACK_TAGGED if d.added else TRACK_KEPT  # a merge may leave only the person's values
+                repo.delete_tag_write(s, job.write_id)
+                _forget(s, path, "changed while being tagged")
+            return replace(done, action="changed", reason="changed while being tagged; will be classified again")
+        if written.error is not None:
             with self.db.session() as s:
-                repo.upsert_track(s, path, size=st.st_size, mtime=st.st_mtime, status=status)
-                repo.set_status(s, path, status)
-                repo.set_tag_settings(s, path, settings)
-        return Outcome(path, "tagged", new, state.genres, top, d.reason + note, below)
+                repo.delete_tag_write(s, job.write_id)
+            self._settle(path, TRACK_CLASSIFIED, f"tag write failed: {written.error}")
+            return replace(done, action="failed", reason=f"tag write failed: {written.error}")
+        status = TRACK_TAGGED if job.order.marker is not None else TRACK_KEPT  # a merge may leave only the person's values
+        with self.db.session() as s:
+            repo.upsert_track(s, path, size=written.size, mtime=written.mtime, status=status)
+            repo.set_status(s, path, status)
+            repo.set_tag_settings(s, path, job.settings)
+        return done
+
+    def abandon(self, job: TagJob, why: str) -> Outcome:
+        """A write whose result never came back (its machine was lost, retries ran out).
+
+        Whether the file was written is unknown, so the write-ahead record stays and the
+        file is left pending, as a kill -9 mid-write leaves it: the next scan classifies it
+        again and either finds the write made (and recorded) or drops the record.
+        """
+        with self.db.session() as s:
+            repo.set_status(s, job.path, TRACK_PENDING, error=f"tag write lost: {why}; will be classified again")
+        return replace(job.outcome, action="failed", reason=f"tag write lost: {why}; will be classified again")
 
     def _drop_unwritten(self, track_id: int, state: tags.GenreState) -> None:
         """Delete the write-ahead record of a write that never happened (a kill -9 between
@@ -554,4 +671,4 @@ def _content_note(path: str, kind: str) -> str:
     return f"; {kind} content in a {Path(path).suffix} file"
 
 
-__all__ = ["FileStat", "Library", "Options", "Outcome", "walk", "TRACK_FAILED"]
+__all__ = ["FileStat", "Library", "Options", "Outcome", "TagJob", "WriteOrder", "Written", "walk", "write_tags", "TRACK_FAILED"]

@@ -79,11 +79,13 @@ class Reporter:
 SUMMARY_ORDER = ("tagged", "would-tag", "kept", "low-confidence", "no-genre", "unchanged", "changed", "failed")
 
 
-def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confidence, as_json: bool, model_path=None, embed: bool = False) -> int:
+def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confidence, as_json: bool, model_path=None, embed: bool = False, engine: str = "local", address: str | None = None) -> int:
     """Walk, classify, tag, record; returns the exit status (see ``tagger.exits``).
 
     ``model_path`` overrides ``[model] path`` (a model bundle or a learnt head); ``embed``
-    only fills in missing embeddings (no tags, no predictions).
+    only fills in missing embeddings (no tags, no predictions). ``engine="ray"`` decodes
+    and classifies on the Ray cluster at ``address`` (:mod:`tagger.ray_engine`); every
+    other stage is the same.
     """
     from .embedding import head_from_stored
     from .exits import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, fail, open_database
@@ -92,6 +94,7 @@ def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confi
     from .store.db import DatabaseLocked
 
     cfg = ctx.config
+    cluster = _ray_engine(engine, address, embed, cfg)
     roots = [Path(p).expanduser().absolute() for p in paths] if paths else cfg.folders()
     missing_roots = [r for r in roots if not r.exists()]
     for r in missing_roots:
@@ -153,7 +156,9 @@ def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confi
         if todo:
             # Register the model now: a locked database fails here, before anything is decoded.
             _ = library.model_id
-        for outcome in library.process(todo):
+            if cluster is not None:
+                cluster.connect()  # no cluster: one line and exit 2, before anything is decoded
+        for outcome in library.process(todo) if cluster is None else cluster.process(library, todo):
             counts[outcome.action] += 1
             outcomes.append(outcome)
             reporter.step(outcome)
@@ -164,10 +169,18 @@ def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confi
             reporter.close()
         classifier.close()
         fail(str(exc), 3)
+    except Exception as exc:
+        if cluster is None or not _is_cluster_error(exc):
+            raise
+        if reporter:
+            reporter.close()
+        fail(str(exc))  # what was done is recorded; the next scan continues with the rest
     finally:
         if reporter:
             reporter.close()
         classifier.close()
+        if cluster is not None:
+            cluster.close()
         db.dispose()
     elapsed = time.monotonic() - t0
     processed = len(outcomes)  # not counts: "unchanged" also counts the files skipped unopened
@@ -201,6 +214,29 @@ def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confi
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_FAILURES if counts["failed"] or walk_errors or missing_roots else EXIT_OK
+
+
+def _ray_engine(engine: str, address: str | None, embed: bool, cfg):
+    """The Ray engine for ``--engine ray`` (None for a local scan); usage errors exit 2."""
+    from .exits import fail
+
+    if engine != "ray":
+        if address:
+            fail("--address is for --engine ray")
+        return None
+    from . import ray_engine
+
+    if not ray_engine.available():
+        fail(f"--engine ray needs Ray: {ray_engine.EXTRA}")
+    if embed:
+        fail("--embed runs on this machine only: leave out --engine ray")
+    return ray_engine.RayEngine(address or cfg.ray.address, batch_size=cfg.model.batch_size, max_windows=cfg.model.max_windows, model_actors=cfg.ray.model_actors)
+
+
+def _is_cluster_error(exc: Exception) -> bool:
+    from .ray_engine import RayEngineError
+
+    return isinstance(exc, RayEngineError)
 
 
 def _notes(outcomes: list[Outcome], options: Options) -> list[str]:

@@ -75,11 +75,13 @@ class OnnxModel:
     """One inference session; CUDA when ONNX Runtime has it (``gpu`` extra), else the CPU."""
 
     def __init__(
-        self, path: str | Path, *, providers: list[str] | None = None, chunk: int | None = None, cpu_chunk: int | None = None, arena: bool = True
+        self, path: str | Path | bytes, *, providers: list[str] | None = None, chunk: int | None = None, cpu_chunk: int | None = None, arena: bool = True
     ):
         import onnxruntime as ort
 
-        self.path = Path(path)
+        # bytes: the model itself, as a cluster's workers get it (no path to share)
+        self.path = Path(path) if not isinstance(path, bytes) else Path("model.onnx")
+        source = path if isinstance(path, bytes) else str(self.path)
         available = ort.get_available_providers()
         hidden = _gpu_package_hidden(available)
         if hidden:
@@ -104,11 +106,11 @@ class OnnxModel:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
+            self.session = ort.InferenceSession(source, sess_options=so, providers=providers)
         except Exception as exc:  # ORT raises its own types (Fail, InvalidProtobuf, ...)
             if CUDA in providers and providers != [CPU]:
                 log.warning("CUDA session failed (%s); running on the CPU", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-                self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=[CPU])
+                self.session = ort.InferenceSession(source, sess_options=so, providers=[CPU])
             else:
                 raise RuntimeLoadError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
         on_gpu = self.session.get_providers()[0] == CUDA

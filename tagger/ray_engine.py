@@ -1,0 +1,416 @@
+"""``tagger scan --engine ray``: the scan's own stages, run on a Ray cluster with Ray Data.
+
+The driver (the machine that runs ``tagger scan``) walks the folders, decides what is new
+or changed and records every result in the database, in the same transactions as a local
+scan (:class:`tagger.library.Library`). Ray Data runs the heavy stages in between, with
+its streaming execution (memory stays bounded however many files there are):
+
+- decoding: CPU tasks, each :func:`tagger.model.infer.decode_file` on a few files;
+- the model: an actor pool, one ONNX Runtime session per actor (one GPU each where the
+  cluster has GPUs), fed the windows of many files per batch. The driver sends the model
+  itself through the object store, so only the music has to be on shared storage;
+- tag writes: the driver commits each write-ahead record, then a task on the node that
+  decoded the file makes the write (:func:`tagger.library.write_tags`) and the driver
+  records its result.
+
+Ray does the retries. A decode task or model actor lost with its node runs again on
+another one; a retried write finds the file already written and says so, so every file
+is tagged once. A path a node cannot see is a per-file error that names the node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import ipaddress
+import logging
+import math
+import os
+import socket
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import features
+from .library import FileStat, Library, Outcome, TagJob, WriteOrder, Written, write_tags
+from .model.head import HeadBundle, base_of
+from .model.infer import Classification, decode_file
+
+log = logging.getLogger(__name__)
+
+#: What ``--engine ray`` needs installed.
+EXTRA = "pip install 'tagger[ray]'"
+#: Files per Ray Dataset. A Dataset holds its input list in the object store, so a
+#: catalogue of millions goes through in slices of this many (each starts its actor
+#: pool again: a second or two of model loading per slice).
+SLICE = 20_000
+#: Files per decode task: small enough to spread a short scan over every CPU and to
+#: lose little when a node goes, large enough that scheduling costs little per file.
+FILES_PER_TASK = 2
+#: Bytes a decode task reserves (a Ray worker process decoding a track's windows).
+DECODE_MEMORY = 400 * 2**20
+#: Tag writes in flight at once (each a small Ray task).
+WRITES_IN_FLIGHT = 64
+#: Retries of a write whose node was lost (its result never came back).
+WRITE_RETRIES = 5
+#: Writes one node's writer makes at once (they wait on the disk or the share, not the CPU).
+WRITER_THREADS = 4
+#: The one-line reason for a path a node does not have.
+NOT_SEEN = "no such file on node {node} (every node must see the library at the same path)"
+
+
+class RayEngineError(Exception):
+    """The cluster cannot be reached or could not run the scan; ``str()`` is one line."""
+
+
+def available() -> bool:
+    """Whether Ray with Ray Data's dependencies is installed: the ``ray`` extra.
+
+    Top-level names only: looking up ``ray.data`` would import Ray, before
+    :meth:`RayEngine.connect` has set how it finds its address.
+    """
+    return all(importlib.util.find_spec(name) is not None for name in ("ray", "pyarrow"))
+
+
+#: Ray's switch that, set to 0, keeps a node's address on loopback (docs/cluster.md).
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _recorded_address() -> str | None:
+    """Where ``--address auto`` leads: $RAY_ADDRESS, else the cluster ``ray start`` recorded."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        with open(os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def _reachable(host: str, port: str) -> None:
+    """Fail in seconds on an address nothing listens at (Ray itself retries for minutes)."""
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as exc:
+        raise RayEngineError(f"no Ray cluster at {host}:{port}: {getattr(exc, 'strerror', None) or exc} (start one with `ray start --head`)") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _node_name() -> str:
+    return socket.gethostname()
+
+
+# --- the stages as they run on the cluster ---------------------------------------------
+
+
+_threads_limited = False
+
+
+def decode_row(row: dict[str, Any], max_windows: int) -> dict[str, Any]:
+    """Decode one file on whichever node Ray chose; never raises for a bad file.
+
+    The windows travel as bytes (``n`` windows of ``N_MELS`` x ``N_COLUMNS`` uint8).
+    """
+    global _threads_limited
+    if not _threads_limited:  # one thread per decode task, as the local decode workers
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+        _threads_limited = True
+    import ray
+
+    path = str(row["path"])
+    node = ray.get_runtime_context().get_node_id()
+    out: dict[str, Any] = {"path": path, "node": node, "windows": b"", "n": 0, "duration": 0.0, "codec": "", "error": ""}
+    if not os.path.lexists(path):
+        out["error"] = NOT_SEEN.format(node=_node_name())
+        return out
+    d = decode_file(path, max_windows)
+    if d.error is not None or d.windows is None:
+        out["error"] = d.error or "no windows"
+        return out
+    out.update(windows=np.ascontiguousarray(d.windows, dtype=np.uint8).tobytes(), n=len(d.windows), duration=float(d.duration or 0.0), codec=d.codec or "")
+    return out
+
+
+class ModelActor:
+    """One ONNX Runtime session; turns batches of decoded files into per-file results.
+
+    Each file's probabilities and embedding are the mean over its windows, as
+    :meth:`tagger.model.infer.Classifier.classify` computes them.
+    """
+
+    def __init__(self, model: list[Any], cpu_chunk: int | None, batch_size: int):
+        import ray
+
+        from .model.runtime import OnnxModel
+
+        content = model[0]
+        if isinstance(content, ray.ObjectRef):
+            content = ray.get(content)
+        self.model = OnnxModel(content, cpu_chunk=cpu_chunk)
+        self.batch_size = max(1, int(batch_size))
+        shape = self.model.session.get_outputs()[1].shape
+        self.dim = shape[-1] if isinstance(shape[-1], int) else self.model.run(np.zeros((1, features.N_MELS, features.N_COLUMNS), np.uint8))[1].shape[-1]
+        self.n_labels = self.model.session.get_outputs()[0].shape[-1]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = np.asarray(batch["n"], dtype=np.int64)
+        ok = np.flatnonzero(n > 0)
+        probs = np.zeros((len(n), self.n_labels), np.float32)
+        embs = np.zeros((len(n), self.dim), np.float32)
+        if len(ok):
+            shape = (features.N_MELS, features.N_COLUMNS)
+            x = np.concatenate([np.frombuffer(batch["windows"][i], np.uint8).reshape(int(n[i]), *shape) for i in ok])
+            ps, es = [], []
+            for s in range(0, len(x), self.batch_size):
+                p, e = self.model.run(x[s : s + self.batch_size])
+                ps.append(p)
+                es.append(e)
+            p_all, e_all = np.concatenate(ps), np.concatenate(es)
+            at = 0
+            for i in ok:
+                k = int(n[i])
+                probs[i] = p_all[at : at + k].mean(axis=0)
+                embs[i] = e_all[at : at + k].mean(axis=0, dtype=np.float32)
+                at += k
+        return {
+            "path": batch["path"],
+            "node": batch["node"],
+            "n": n,
+            "duration": batch["duration"],
+            "codec": batch["codec"],
+            "error": batch["error"],
+            "probs": probs,
+            "embedding": embs,
+        }
+
+
+def write_on_node(order: WriteOrder) -> Written:
+    """:func:`tagger.library.write_tags` on this node, naming the node when it lacks the file."""
+    if not os.path.lexists(order.path):
+        return Written(error=NOT_SEEN.format(node=_node_name()))
+    return write_tags(order)
+
+
+class Writer:
+    """Makes the tag writes of one node: a long-lived process (a task per write would start
+    a Ray worker, and import tagger, for every few files), a few writes at a time."""
+
+    def write(self, order: WriteOrder) -> Written:
+        return write_on_node(order)
+
+
+# --- the driver ----------------------------------------------------------------------
+
+
+class RayEngine:
+    """Connects to a cluster and runs :meth:`process` in place of ``Library.process``."""
+
+    def __init__(self, address: str | None = None, *, batch_size: int = 64, max_windows: int = 2, model_actors: int = 0):
+        self.address = address or "auto"
+        self.batch_size = int(batch_size)
+        self.max_windows = int(max_windows)
+        self.model_actors = int(model_actors)
+        self._connected = False
+        self._stdout: contextlib.AbstractContextManager | None = None
+
+    def connect(self) -> None:
+        """Join the cluster (started with ``ray start`` or KubeRay); a one-line error if none."""
+        if self._connected:
+            return
+        target = self.address if self.address != "auto" else _recorded_address()
+        if target is not None:
+            host, _, port = target.rpartition(":")
+            host = host.strip("[]")
+            if _loopback(host):
+                # A cluster on this machine: Ray on Linux would swap 127.0.0.1 for the
+                # machine's network address; keep the driver on loopback, as its nodes are.
+                os.environ.setdefault(LOOPBACK_ENV, "0")
+            if self.address != "auto":
+                _reachable(host, port)
+        import ray
+
+        # Ray prints cluster events (a node lost, an actor restarted) on stdout; they are
+        # diagnostics, so they go to stderr while connected and stdout stays the summary
+        # (or --json) alone.
+        self._stdout = contextlib.redirect_stdout(sys.stderr)
+        self._stdout.__enter__()
+        try:
+            ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING, namespace="tagger")
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            self._restore_stdout()
+            raise RayEngineError(f"no Ray cluster at {self.address}: {_one_line(exc)} (start one with `ray start --head`)") from None
+        self._connected = True
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False  # tagger's own progress bar counts files
+        ctx.print_on_execution_start = False
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+
+    def close(self) -> None:
+        if self._connected:
+            import ray
+
+            ray.shutdown()
+            self._connected = False
+        self._restore_stdout()
+
+    def _restore_stdout(self) -> None:
+        if self._stdout is not None:
+            self._stdout.__exit__(None, None, None)
+            self._stdout = None
+
+    def describe(self) -> str:
+        import ray
+
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        res = ray.cluster_resources()
+        return f"{len(nodes)} nodes, {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"
+
+    def _dataset(self, paths: Sequence[str], model_ref: Any, cpu_chunk: int | None):
+        import ray
+
+        res = ray.cluster_resources()
+        gpus = int(res.get("GPU", 0))
+        nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
+        ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, math.ceil(len(paths) / FILES_PER_TASK)))
+        # A decode task reserves the memory it may take, so that a node runs no more of
+        # them than it holds; the model actors reserve none, which also keeps Ray Data from
+        # fusing decoding into the actors (decoding stays in CPU tasks on every node).
+        # A lost task runs again elsewhere, a lost actor starts again elsewhere and its
+        # batches run again: Ray Data's defaults.
+        ds = ds.map(decode_row, fn_kwargs={"max_windows": self.max_windows}, num_cpus=1, memory=DECODE_MEMORY)
+        files_per_batch = max(1, self.batch_size // max(1, self.max_windows))
+        # One actor per GPU; on CPUs the pool starts at one and may grow to one per two
+        # nodes while the model is what the scan waits for (decoding takes most of the
+        # CPU time); ``[ray] model_actors`` fixes it.
+        if self.model_actors > 0:
+            pool = ray.data.ActorPoolStrategy(size=self.model_actors)
+        else:
+            pool = ray.data.ActorPoolStrategy(min_size=1, max_size=gpus or max(1, nodes // 2))
+        return ds.map_batches(
+            ModelActor,
+            fn_constructor_kwargs={"model": [model_ref], "cpu_chunk": cpu_chunk, "batch_size": self.batch_size},
+            batch_size=files_per_batch,
+            batch_format="numpy",
+            compute=pool,
+            num_gpus=1 if gpus else 0,
+            num_cpus=0 if gpus else 1,
+        )
+
+    def process(self, library: Library, files: list[FileStat]) -> Iterator[Outcome]:
+        """Classify and tag ``files`` on the cluster; outcomes as they are recorded (any order)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if not files:
+            return
+        self.connect()
+        classifier = library.classifier
+        assert classifier is not None
+        bundle = classifier.bundle
+        base = base_of(bundle)
+        head = bundle if isinstance(bundle, HeadBundle) else None
+        labels = list(base.labels)
+        onnx = (base.path / "model.onnx").read_bytes()
+        model_ref = ray.put(onnx)
+        cpu_chunk = base.meta.get("runtime", {}).get("cpu_chunk")
+        # One writer per node that decodes, made when its first write comes. A writer lost
+        # with its node starts again elsewhere and its writes run again (they are idempotent).
+        writer_class = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=WRITE_RETRIES, max_concurrency=WRITER_THREADS)(Writer)
+        writers: dict[str, Any] = {}
+
+        def writer(node: str) -> Any:
+            if node not in writers:
+                writers[node] = writer_class.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)).remote()
+            return writers[node]
+        by_path = {f.path: f for f in files}
+        pending: dict[Any, TagJob] = {}
+
+        def settle(block: bool) -> Iterator[Outcome]:
+            if not pending:
+                return
+            refs = list(pending)
+            ready, _ = ray.wait(refs, num_returns=1 if block else len(refs), timeout=None if block else 0)
+            for ref in ready:
+                job = pending.pop(ref)
+                try:
+                    written = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    yield library.abandon(job, _one_line(exc))
+                else:
+                    yield library.finish(job, written)
+
+        try:
+            for start in range(0, len(files), SLICE):
+                paths = [f.path for f in files[start : start + SLICE]]
+                ds = self._dataset(paths, model_ref, cpu_chunk)
+                try:
+                    rows = ds.iter_rows()
+                    for row in rows:
+                        result = _classification(row, labels, head)
+                        out = library.apply(result, by_path[result.path], defer=True)
+                        if isinstance(out, TagJob):
+                            node = str(row["node"])
+                            ref = writer(node).write.remote(out.order)
+                            pending[ref] = out
+                        else:
+                            yield out
+                        yield from settle(block=len(pending) >= WRITES_IN_FLIGHT)
+                except ray.exceptions.RayError as exc:
+                    raise RayEngineError(f"the Ray cluster could not run the scan: {_one_line(exc)}") from None
+            while pending:
+                yield from settle(block=True)
+        finally:
+            # Interrupted or failed: the writes already made are still recorded (a few seconds).
+            if pending:
+                refs = list(pending)
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
+                for ref in ready:
+                    job = pending.pop(ref)
+                    try:
+                        library.finish(job, ray.get(ref))
+                    except ray.exceptions.RayError as exc:
+                        library.abandon(job, _one_line(exc))
+            for handle in writers.values():
+                with contextlib.suppress(Exception):
+                    ray.kill(handle)
+
+
+def _classification(row: dict[str, Any], labels: list[str], head: HeadBundle | None) -> Classification:
+    """A row from the model stage as the :class:`Classification` a local scan would have."""
+    path = str(row["path"])
+    error = str(row["error"] or "")
+    if error:
+        return Classification(path, error=error)
+    probs = np.asarray(row["probs"], dtype=np.float32)
+    emb = np.asarray(row["embedding"], dtype=np.float32)
+    n = int(row["n"])
+    duration = float(row["duration"]) or None
+    codec = str(row["codec"]) or None
+    if head is not None:
+        p = head.probabilities(emb[None, :])[0]
+        return Classification(path, {g: float(v) for g, v in zip(head.labels, p, strict=True)}, n, duration, codec, embedding=emb)
+    return Classification(path, {g: float(v) for g, v in zip(labels, probs, strict=True)}, n, duration, codec, embedding=emb)
+
+
+__all__ = ["EXTRA", "RayEngine", "RayEngineError", "available", "decode_row", "write_on_node"]
