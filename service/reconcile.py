@@ -74,6 +74,10 @@ def enqueue_files(db: Database, files: Iterable[FileStat], settle_seconds: float
     return n
 
 
+def _swept(path: str) -> None:
+    log.warning("removed %s: a temporary copy left by an interrupted tagger", path)
+
+
 def reconcile(db: Database, filt: PathFilter, roots: Iterable[str], *, settle_seconds: float, include, exclude, follow_symlinks: bool = True) -> ReconcileResult:
     roots = [str(r) for r in roots]
     res = ReconcileResult(roots)
@@ -84,7 +88,7 @@ def reconcile(db: Database, filt: PathFilter, roots: Iterable[str], *, settle_se
         known = repo.known_files(s)
     files = [
         f
-        for f in walk(roots, include=include, exclude=exclude, follow_symlinks=follow_symlinks, on_error=lambda p, why: res.errors.append((p, why)))
+        for f in walk(roots, include=include, exclude=exclude, follow_symlinks=follow_symlinks, on_error=lambda p, why: res.errors.append((p, why)), on_swept=_swept)
         if not filt.is_temporary(Path(f.path).name)
     ]
     res.files = len(files)

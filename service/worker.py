@@ -291,7 +291,7 @@ class Worker:
         cfg = self.config()
         filt = self.filter()
         if os.path.exists(dest):
-            files = [f for f in walk([dest], include=cfg.library.include, exclude=cfg.library.exclude, follow_symlinks=cfg.library.follow_symlinks) if filt.wanted(f.path)]
+            files = [f for f in walk([dest], include=cfg.library.include, exclude=cfg.library.exclude, follow_symlinks=cfg.library.follow_symlinks, on_swept=_swept) if filt.wanted(f.path)]
             with self.db.session(write=False) as s:
                 known = queue.known_for(s, [f.path for f in files])
             todo, _ = Library.changed(files, known)
@@ -436,3 +436,7 @@ def _log_outcome(o: Outcome) -> None:
         log.info("tagged %s: %s (%.0f%%)%s", o.path, "; ".join(o.genres), 100 * (o.confidence or 0), before)
     else:
         log.info("%s %s%s", o.action, o.path, f": {o.reason}" if o.reason else "")
+
+
+def _swept(path: str) -> None:
+    log.warning("removed %s: a temporary copy left by an interrupted tagger", path)

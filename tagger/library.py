@@ -85,12 +85,18 @@ def walk(
     exclude: Iterable[str] = (),
     follow_symlinks: bool = True,
     on_error: Callable[[str, str], None] | None = None,
+    on_swept: Callable[[str], None] | None = None,
 ) -> Iterator[FileStat]:
     """Every taggable audio file under ``roots`` with its size and mtime.
 
     Hidden and system entries are skipped, symlinked folders are followed once
     (a loop back to a folder already seen is skipped), unreadable folders are
     reported through ``on_error`` and skipped.
+
+    ``on_swept``: also delete, in every folder walked, the temporary copies a killed
+    tagger left (``.*.tagger-tmp`` that no live tagger holds: see
+    :func:`tags.remove_stale_copy`), and report each one deleted. Without it the walk
+    changes nothing.
     """
     include, exclude = tuple(include), tuple(exclude)
     match_all = include == ("*",) and not exclude  # the default: no pattern work per file
@@ -127,6 +133,8 @@ def walk(
             for e in entries:
                 name = e.name
                 if name.startswith(".") or name.lower() in SYSTEM_NAMES:
+                    if on_swept is not None and tags.is_temporary_copy(name) and tags.remove_stale_copy(e.path):
+                        on_swept(e.path)
                     continue
                 try:
                     if e.is_dir(follow_symlinks=follow_symlinks):

@@ -128,6 +128,7 @@ def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confi
                 exclude=cfg.library.exclude,
                 follow_symlinks=cfg.library.follow_symlinks,
                 on_error=lambda p, why: walk_errors.append((p, why)),
+                on_swept=None if dry_run else _swept,
             )
         )
         for p, why in walk_errors:
@@ -216,6 +217,10 @@ def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confi
     return EXIT_FAILURES if counts["failed"] or walk_errors or missing_roots else EXIT_OK
 
 
+def _swept(path: str) -> None:
+    click.echo(f"tagger: removed {path}: a temporary copy left by an interrupted tagger", err=True)
+
+
 def _ray_engine(engine: str, address: str | None, embed: bool, cfg):
     """The Ray engine for ``--engine ray`` (None for a local scan); usage errors exit 2."""
     from .exits import fail
@@ -296,7 +301,7 @@ def _run_embed(library: Library, cfg, roots: list[Path], as_json: bool, missing_
 
     try:
         lib = cfg.library
-        files = list(walk(roots, include=lib.include, exclude=lib.exclude, follow_symlinks=lib.follow_symlinks, on_error=lambda p, why: walk_errors.append((p, why))))
+        files = list(walk(roots, include=lib.include, exclude=lib.exclude, follow_symlinks=lib.follow_symlinks, on_error=lambda p, why: walk_errors.append((p, why)), on_swept=_swept))
         for p, why in walk_errors:
             click.echo(f"tagger: skipped {p}: {why}", err=True)
         todo = missing_embeddings(library, files)

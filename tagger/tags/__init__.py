@@ -22,6 +22,7 @@ Every other value is the person's, and no policy but ``replace`` removes it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -47,8 +48,10 @@ __all__ = [
     "TagError",
     "clean_genres",
     "decide",
+    "is_temporary_copy",
     "named_kind",
     "read_state",
+    "remove_stale_copy",
     "restore_fields",
     "supported",
     "write_genres",
@@ -424,13 +427,9 @@ def _replace_safely(path: Path, change: Callable[[Path], None], expect: os.stat_
         raise TagError(path, "not a regular file")
     if expect is not None and _identity(st) != _identity(expect):
         raise FileChanged(path, "changed since its tags were read; left as it is")
+    fd, tmp = _locked_copy_name(path, real)
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{real.name}.", suffix=_TMP_SUFFIX, dir=real.parent)
-    except OSError as exc:
-        raise _error(path, exc, "cannot create a temporary file next to it") from exc
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as dst, real.open("rb") as src:
+        with os.fdopen(os.dup(fd), "wb") as dst, real.open("rb") as src:
             shutil.copyfileobj(src, dst, 1 << 20)
         change(tmp)
         with tmp.open("rb") as f:
@@ -449,7 +448,68 @@ def _replace_safely(path: Path, change: Callable[[Path], None], expect: os.stat_
         if isinstance(exc, OSError):
             raise _error(path, exc, "cannot write") from exc
         raise
+    finally:
+        os.close(fd)  # releases the lock: the copy is renamed or gone by now
     _fsync_dir(real.parent)
+
+
+def _locked_copy_name(path: Path, real: Path) -> tuple[int, Path]:
+    """A new, empty ``.NAME.xxxxxxxx.tagger-tmp`` beside ``real``, with an exclusive lock held.
+
+    The lock (``flock``) lives as long as the returned descriptor, so it dies with a
+    killed process: :func:`remove_stale_copy` tells a copy being written from one left
+    behind by it. Between creating the name and locking it a sweep may remove it; the
+    name is then made again.
+    """
+    for _ in range(8):
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{real.name}.", suffix=_TMP_SUFFIX, dir=real.parent)
+        except OSError as exc:
+            raise _error(path, exc, "cannot create a temporary file next to it") from exc
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a sweep holds it only for its unlink
+        try:
+            if os.path.samestat(os.fstat(fd), os.lstat(name)):
+                return fd, Path(name)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise TagError(path, "cannot keep a temporary file next to it (removed as soon as made)")
+
+
+def is_temporary_copy(name: str) -> bool:
+    """Whether a file name is one of this tool's temporary copies (``.NAME.xxxxxxxx.tagger-tmp``)."""
+    return name.startswith(".") and name.endswith(_TMP_SUFFIX) and len(name) > len(_TMP_SUFFIX) + 1
+
+
+def remove_stale_copy(path: str | os.PathLike[str]) -> bool:
+    """Delete a temporary copy that no live tagger holds; True when it was deleted.
+
+    A copy being written is locked by its writer (see :func:`_locked_copy_name`); one
+    whose writer was killed (``kill -9``, a lost node, a power cut) is not, and is
+    never renamed over anything, so it is litter. Anything that is not such a copy, or
+    is locked, or is replaced while we look, is left alone.
+    """
+    path = os.fspath(path)
+    if not is_temporary_copy(os.path.basename(path)):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: a tagger is writing it now
+            return False
+        held = os.fstat(fd)
+        if not stat.S_ISREG(held.st_mode) or not os.path.samestat(held, os.lstat(path)):
+            return False
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _copy_metadata(src: Path, dst: Path, st: os.stat_result) -> None:
