@@ -212,7 +212,9 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
                 for key, value in given.items():
                     if value is not None:
                         setattr(dc, key, value)
-                summary["extra"] = [str(Path(p).resolve()) for p in extra_paths]
+                from .model.bundle import file_sha256
+
+                summary["extra"] = [{"file": Path(p).name, "sha256": file_sha256(Path(p))} for p in extra_paths]
                 bundle, metrics = run_distillation(
                     tr, va, extra if extra is not None else load_extra([]), dc, out, name=name or out.name, data_summary=summary,
                     cache_dir=cache.parent / "teacher-cache", progress=lambda s: click.echo(s, err=True),
@@ -314,10 +316,11 @@ def export_cmd(bundle) -> None:
     _need_train_extra("export")
     from .model.bundle import BundleError, default_bundle_dir
     from .model.export import export_bundle
+    from .teacher import load_keras
 
     path = Path(bundle) if bundle else default_bundle_dir()
     try:
-        info = export_bundle(path)
+        info = export_bundle(path, model=load_keras(path))
     except BundleError as exc:
         fail(str(exc))
     check = info["check"]

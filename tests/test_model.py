@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -257,3 +258,36 @@ def test_shipped_model_agrees_with_png_evaluation(shipped, shared_png):
     assert report["accuracy"] >= 0.69  # trained on these clips: at least the honest selection figure
     truth = data.y[:48]
     assert float(np.mean(probs.argmax(1) == truth)) >= 0.69
+
+
+#: What a path of the training machine looks like (POSIX home, scratch and mount
+#: folders; Windows drives), as text or as bytes inside a binary file.
+MACHINE_PATH = re.compile(rb"(?<![\w.])(/(?:work|home|root|tmp|Users|mnt|media|srv|scratch|data)/[\w.-]+|[A-Za-z]:\\\\[\w.-]+)")
+
+
+def machine_paths(path: Path) -> list[str]:
+    """Machine paths in a file, and in each member when it is a zip (``model.keras``)."""
+    import zipfile
+
+    blobs = [(path.name, path.read_bytes())]
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            blobs += [(f"{path.name}:{n}", z.read(n)) for n in z.namelist()]
+    return [f"{name}: {m.group(0).decode(errors='replace')}" for name, blob in blobs for m in MACHINE_PATH.finditer(blob)]
+
+
+def test_machine_path_finder_finds_one(tmp_path: Path) -> None:
+    f = tmp_path / "bundle.json"
+    f.write_text(json.dumps({"training": {"data": {"source": "/work/shared/data/gtzan-mel-png"}}}))
+    assert machine_paths(f) == ["bundle.json: /work/shared"]
+    f.write_text(json.dumps({"training": {"data": {"source": "gtzan-mel-png"}, "ratio": "a/b"}}))
+    assert machine_paths(f) == []
+
+
+def test_no_machine_path_in_any_shipped_file() -> None:
+    """What the package ships beside its code (the model bundle, data) names no training machine's path."""
+    root = Path(features.__file__).resolve().parent
+    shipped = [p for p in root.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")]
+    assert any(p.name == "bundle.json" for p in shipped) and any(p.suffix == ".onnx" for p in shipped)
+    found = [hit for p in shipped for hit in machine_paths(p)]
+    assert found == [], found

@@ -25,6 +25,7 @@ from tagger import features
 from tagger.model.bundle import BundleError, default_bundle_dir, file_sha256, load_bundle
 from tagger.model.infer import Classifier, classify
 from tagger.model.runtime import OnnxModel
+from tagger.teacher import load_keras
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
@@ -47,7 +48,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -
 
 def shipped_keras():
     needs_keras()
-    return load_bundle(default_bundle_dir()).keras_model()
+    return load_keras(default_bundle_dir())
 
 
 def real_windows(shared_png: Path, n: int = 64) -> np.ndarray:
@@ -107,7 +108,7 @@ def test_export_of_a_two_output_model(tiny_bundle, tmp_path):
     keras = needs_keras()
     bundle = tmp_path / "two"
     shutil.copytree(tiny_bundle, bundle)
-    single = load_bundle(bundle).keras_model()
+    single = load_keras(bundle)
     pooled = single.get_layer("gap").output
     embedding = keras.layers.Dense(6, name="embedding_proj")(pooled)  # any D: not the head's input
     two = keras.Model(single.inputs, [single.outputs[0], embedding], name="two_outputs")
@@ -133,7 +134,7 @@ def test_retrained_bundle_is_refused_until_exported_again(tiny_bundle, tmp_path)
     before = load_bundle(bundle)
     x = np.random.default_rng(6).integers(0, 256, size=(4, features.N_MELS, features.N_COLUMNS), dtype=np.uint8)
     old = before.model.run(x)[0]
-    model = before.keras_model()
+    model = load_keras(before.path)
     head = model.get_layer("genre")
     w, b = head.get_weights()
     head.set_weights([w[:, ::-1], b[::-1]])  # another model: the genres swapped around

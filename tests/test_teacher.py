@@ -17,6 +17,7 @@ import pytest
 
 from tagger import features
 from tagger.teacher import bridge as br
+from tagger.teacher import load_keras
 
 DATA = Path(__file__).parent / "data"
 CLIPS = ("blues.00000", "classical.00001")
@@ -157,7 +158,7 @@ def test_teacher_route_trains_exports_and_classifies_real_audio(tiny_teacher_bun
     mean, mx = PatchCache(out.parent / "teacher-cache").outputs(x)
     f = window_features(mean, mx, 2)
     onnx_genre, onnx_emb = bundle.model.run(x)
-    km = bundle.keras_model()
+    km = load_keras(bundle.path)
     k_genre, k_emb = (np.asarray(a) for a in km.predict_on_batch(x))
     np.testing.assert_allclose(onnx_genre, k_genre, atol=1e-4)
     np.testing.assert_allclose(onnx_emb, k_emb, atol=1e-3 * max(1.0, float(np.abs(k_emb).max())))
@@ -261,7 +262,7 @@ def test_distilled_route_trains_a_plain_densenet(tmp_path, shared_png):
     assert bundle.meta["training"]["epochs_run"] == [2, 2]
     assert bundle.meta["training"]["data"]["unlabelled_windows"] == 2
     # the bundle is the student's DenseNet alone: no teacher layers, genre probabilities out
-    names = {layer.name for layer in bundle.keras_model().layers}
+    names = {layer.name for layer in load_keras(bundle.path).layers}
     assert "levels_norm" in names and not any("musicnn" in n or "bridge" in n or n.startswith("teacher_") for n in names)
     genre, _ = bundle.model.run(extra)
     np.testing.assert_allclose(genre.sum(axis=1), 1.0, atol=1e-5)

@@ -180,6 +180,9 @@ def test_mixed_training_writes_a_calibrated_bundle_with_the_vocabulary(mixed_bun
     assert t["data"]["labelled"]["windows"] == 10 and t["data"]["labelled"]["groups"] == 2
     assert (mixed_bundle / "precision.png").stat().st_size > 1000
     assert "/" not in t["data"]["source"]  # a name, not the training machine's path
+    made = str(mixed_bundle.parent)  # the folders of the "training machine"
+    assert made not in (mixed_bundle / "bundle.json").read_text()
+    assert all(made.encode() not in (mixed_bundle / f).read_bytes() for f in ("model.keras", "model.onnx"))
 
 
 def _tagger(cfg: Path, *args: str) -> subprocess.CompletedProcess:

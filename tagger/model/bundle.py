@@ -17,7 +17,6 @@ does not change when the same weights are exported again. A bundle that ships on
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -68,6 +67,11 @@ class Bundle:
                 raise BundleError(f"{self.path}: cannot load {ONNX_FILE}: {exc}") from exc
         return self._model
 
+    @property
+    def loaded(self) -> bool:
+        """Whether :attr:`model` has made its session (it does so on first use)."""
+        return self._model is not None
+
     def release(self) -> bool:
         """Drop the ONNX Runtime session and its working memory; :attr:`model` makes it again."""
         if self._model is None:
@@ -80,12 +84,6 @@ class Bundle:
         gc.collect()
         trim_heap()
         return True
-
-    def keras_model(self):
-        """The Keras model (training side: needs the ``train`` extra)."""
-        from .export import load_keras
-
-        return load_keras(self.path)
 
 
 def file_sha256(path: Path) -> str:
@@ -147,40 +145,3 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
     else:
         identity = record.get("keras_sha256") or onnx_sha
     return Bundle(path, [str(x) for x in meta["labels"]], meta, identity)
-
-
-def save_bundle(
-    out_dir: str | Path,
-    model,
-    labels: list[str],
-    *,
-    name: str,
-    training: dict[str, Any],
-    metrics: dict[str, Any],
-    extra: dict[str, Any] | None = None,
-) -> Bundle:
-    """Write ``model.keras``, ``bundle.json`` and the checked export ``model.onnx``.
-
-    Model first, metadata last; the export then adds ``model.onnx`` and its record, and
-    a bundle is loadable only once both are there (a crash in between leaves a bundle
-    that ``tagger export`` completes).
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{MODEL_FILE}.tmp.keras"
-    model.save(tmp)
-    tmp.replace(out / MODEL_FILE)
-    meta = {
-        "name": name,
-        "labels": list(labels),
-        "representation": features.representation_params(),
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "training": training,
-        "metrics": metrics,
-        **(extra or {}),
-    }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
-    from .export import export_bundle
-
-    export_bundle(out, model=model)
-    return load_bundle(out)

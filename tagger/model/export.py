@@ -9,6 +9,9 @@ windows of 387 columns) and the outputs ``genre`` and ``embedding``. A model tha
 has the two outputs (in that order) is exported as it is. An older, single-output model
 gets its embedding from the input of its final ``genre`` Dense layer (the pooled features
 the head sees); for an ensemble of such members, the members' features concatenated.
+
+:func:`save_bundle` (training's way to write a bundle) lives here too, so that the bundle
+reader (:mod:`tagger.model.bundle`, the run-time side) imports nothing of the writing side.
 """
 
 from __future__ import annotations
@@ -23,7 +26,16 @@ from typing import Any
 import numpy as np
 
 from .. import features
-from .bundle import META_FILE, MODEL_FILE, ONNX_FILE, BundleError, file_sha256, read_meta
+from .bundle import (
+    META_FILE,
+    MODEL_FILE,
+    ONNX_FILE,
+    Bundle,
+    BundleError,
+    file_sha256,
+    load_bundle,
+    read_meta,
+)
 from .runtime import INPUT, OUTPUTS, OnnxModel
 
 #: Largest difference allowed between the ONNX and the Keras probabilities.
@@ -188,9 +200,13 @@ def export_onnx(model, path: str | Path, *, labels: list[str], keras_sha256: str
 
 
 def load_keras(path: str | Path):
-    """A bundle's ``model.keras`` (with tagger's custom layers registered)."""
+    """A bundle's ``model.keras``, with the model layer's custom layers registered.
+
+    A bundle of the teacher route holds the teacher's layers too; those register where
+    they live, so load it with :func:`tagger.teacher.load_keras` (the model layer never
+    imports the teacher).
+    """
     keras = _keras()
-    from ..teacher import branch, musicnn  # noqa: F401  (the teacher route's layers)
     from . import densenet  # noqa: F401  (registers the custom layers)
 
     try:
@@ -215,3 +231,38 @@ def export_bundle(path: str | Path, *, model=None, windows: np.ndarray | None = 
     staged.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
     staged.replace(path / META_FILE)
     return info
+
+
+def save_bundle(
+    out_dir: str | Path,
+    model,
+    labels: list[str],
+    *,
+    name: str,
+    training: dict[str, Any],
+    metrics: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Bundle:
+    """Write ``model.keras``, ``bundle.json`` and the checked export ``model.onnx``.
+
+    Model first, metadata last; the export then adds ``model.onnx`` and its record, and
+    a bundle is loadable only once both are there (a crash in between leaves a bundle
+    that ``tagger export`` completes).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{MODEL_FILE}.tmp.keras"
+    model.save(tmp)
+    tmp.replace(out / MODEL_FILE)
+    meta = {
+        "name": name,
+        "labels": list(labels),
+        "representation": features.representation_params(),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "training": training,
+        "metrics": metrics,
+        **(extra or {}),
+    }
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    export_bundle(out, model=model)
+    return load_bundle(out)

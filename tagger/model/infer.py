@@ -185,6 +185,11 @@ class Classifier:
         return self.predict(x)[0]
 
     @property
+    def started(self) -> bool:
+        """Whether the model's session is made (not before the first file, nor after :meth:`release`)."""
+        return self.bundle.loaded
+
+    @property
     def device(self) -> str:
         """Where the model runs (``CPU`` or ``GPU (CUDA)``); loads it."""
         return self.bundle.model.device

@@ -316,8 +316,8 @@ def run_training(
     import keras
 
     from . import densenet
-    from .bundle import save_bundle
     from .evaluate import plot_confusion, plot_curves, report_from
+    from .export import save_bundle
 
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"

@@ -261,8 +261,9 @@ def run_branch_training(
     progress: Callable[[str], None] | None = None,
 ):
     """Fit the head on the teacher's features of ``train``, build, evaluate on ``valid``, save the bundle."""
-    from ..model.bundle import load_bundle, save_bundle
+    from ..model.bundle import load_bundle
     from ..model.evaluate import plot_confusion, report_from
+    from ..model.export import load_keras, save_bundle
     from .checkpoint import checkpoint_prefix, load_musicnn
 
     say = progress or (lambda s: None)
@@ -277,7 +278,7 @@ def run_branch_training(
         db = load_bundle(densenet_bundle)
         if db.labels != list(train.labels):
             raise ValueError(f"{densenet_bundle}: its labels {db.labels} differ from the data's {train.labels}")
-        densenet = db.keras_model()
+        densenet = load_keras(db.path)
     model = build_branch_model(load_musicnn(), head, cfg, len(train.labels), densenet)
     seconds = time.time() - t0
     metrics: dict = {}
@@ -296,7 +297,7 @@ def run_branch_training(
             "model": "MSD_musicnn (musicnn 0.1.0, ISC licence, Music Technology Group, Universitat Pompeu Fabra)",
             "checkpoint": str(checkpoint_prefix().name),
         },
-        "densenet": str(densenet_bundle) if densenet is not None else None,
+        "densenet": {"name": db.name, "sha256": db.sha256} if densenet is not None else None,  # never a path of this machine
         "seconds": round(seconds, 1),
         "parameters": int(model.count_params()),
     }

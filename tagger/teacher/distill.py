@@ -229,8 +229,8 @@ def run_distillation(
     quiet.load_backend()
     import keras
 
-    from ..model.bundle import save_bundle
     from ..model.evaluate import plot_confusion, plot_curves, report_from
+    from ..model.export import save_bundle
     from ..model.train import (
         EMA,
         TrainConfig,

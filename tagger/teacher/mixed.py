@@ -250,8 +250,8 @@ def run_mixed_training(
     progress: Callable[[str], None] | None = None,
 ):
     """Cross-validate, calibrate, fit on everything, build, evaluate on ``valid``, save the bundle."""
-    from ..model.bundle import save_bundle
     from ..model.evaluate import plot_confusion, report_from
+    from ..model.export import save_bundle
     from .branch import build_branch_model
     from .checkpoint import load_musicnn
 
