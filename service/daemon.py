@@ -197,26 +197,23 @@ class Daemon:
         return EXIT_OK
 
     def _load_model(self) -> Library:
-        import numpy as np
+        """The library over the configured model, which is checked now and started later.
 
-        from tagger import features
+        The bundle's records are read and checked here, so a wrong model path still stops
+        the start-up with one line. The ONNX Runtime session and the decode processes
+        start on the first file (as after an idle release): a daemon with nothing to do
+        holds neither.
+        """
         from tagger.model.head import load_any, make_classifier
 
         cfg = self.cfg
         # The decode processes die with the daemon, even after kill -9 (tagger.lifeline).
         bundle = load_any(cfg.model.path or None)  # a model bundle or learnt genres (a head)
         clf = make_classifier(bundle, batch_size=cfg.daemon.batch_size, max_windows=cfg.model.max_windows, workers=cfg.model.workers or None)
-        clf.predict_windows(np.zeros((1, features.N_MELS, features.N_COLUMNS), dtype=np.uint8))  # load + trace now
-        # Start and warm the decode processes now rather than on the first file (seconds).
-        with contextlib.suppress(Exception):
-            from .decoders import warm_up
-
-            pool = clf._executor()
-            if pool is not None:
-                for _ in range(clf.workers):
-                    pool.submit(warm_up)
-        where = clf.device
-        log.info("model %s (%s): %d genres, on %s, %d decode workers, batches of %d windows", bundle.name, bundle.sha256[:12], len(bundle.labels), where, clf.workers, clf.batch_size)
+        log.info(
+            "model %s (%s): %d genres, %d decode workers, batches of %d windows; started on the first file",
+            bundle.name, bundle.sha256[:12], len(bundle.labels), clf.workers, clf.batch_size,
+        )  # fmt: skip
         return Library(self.db, clf, _options(cfg, bundle))
 
     def _take_lock(self, db_path: Path) -> str | None:

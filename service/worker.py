@@ -147,7 +147,7 @@ class Worker:
 
     def _loop(self) -> None:
         first_ready: float | None = None
-        idle_since: float | None = time.monotonic()  # the start-up warm-up counts as work
+        idle_since: float | None = time.monotonic()
         while not self._stop.is_set():
             cfg = self.config().daemon
             try:
@@ -205,7 +205,11 @@ class Worker:
                     self._simple(job)
             todo = [j for j in batch if j.kind == "classify"]
             if todo and not self._stopping():
+                clf = self.library.classifier
+                cold = clf is not None and not clf.started
                 self._classify(todo)
+                if cold and clf.started:
+                    log.info("model started on %s", clf.device)
         except Exception as exc:
             if self.library.classifier is not None:
                 self.library.classifier.close()  # a broken decode pool is rebuilt on next use
