@@ -793,16 +793,28 @@ def children(pid: int) -> list[str]:
     return out
 
 
-def test_idle_daemon_releases_the_model_and_decoders_and_gets_them_back(env: Env, flac: Path):
-    """After idle_release seconds with nothing to do, the decode processes and the fork server
-    are gone; the next file brings them back and is tagged as usual."""
+def test_daemon_starts_the_model_on_the_first_file_and_releases_it_when_idle(env: Env, flac: Path):
+    """At rest after start-up the daemon holds no model session and no decode processes; the
+    first file starts them; after idle_release seconds with nothing to do they are gone again;
+    the next file brings them back and is tagged as usual."""
     env.write_config(idle_release=1.0)
     d = env.start()
+
+    def decoders() -> bool:
+        return any("forkserver" in c or "spawn_main" in c for c in children(d.pid))
+
+    time.sleep(2.5)  # past idle_release: nothing was started, so nothing is released
+    assert not decoders(), children(d.pid)
+    assert "model started" not in d.text() and "idle for 1 s" not in d.text(), d.log_tail()
+    first = [str(shutil.copyfile(flac, env.music / f"{k}.flac")) for k in range(3)]  # several: the pool is used
+    wait_until(lambda: all(statuses(env.db).get(p) == "tagged" for p in first), 60, "first files tagged", proc=d)
+    assert d.text().count("INFO tagger.worker: model started on CPU") == 1, d.log_tail()
     d.wait_log(r"INFO tagger\.worker: idle for 1 s: stopped the decode processes", 30)
-    wait_until(lambda: not any("forkserver" in c or "spawn_main" in c for c in children(d.pid)), 10, "decode processes and fork server gone", proc=d)
+    wait_until(lambda: not decoders(), 10, "decode processes and fork server gone", proc=d)
     releases = d.text().count("idle for 1 s")
-    paths = [str(shutil.copyfile(flac, env.music / f"{k}.flac")) for k in range(3)]  # several: the pool is used
-    wait_until(lambda: all(statuses(env.db).get(p) == "tagged" for p in paths), 60, "tagged after the release", proc=d)
+    again = [str(shutil.copyfile(flac, env.music / f"again-{k}.flac")) for k in range(3)]
+    wait_until(lambda: all(statuses(env.db).get(p) == "tagged" for p in again), 60, "tagged after the release", proc=d)
+    assert d.text().count("model started on CPU") == 2
     wait_until(lambda: d.text().count("idle for 1 s") > releases, 30, "released again after the work", proc=d)
     assert d.stop() == 0
     assert set(tag_counts(env.db).values()) == {1}
