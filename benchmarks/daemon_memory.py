@@ -3,7 +3,8 @@
 Starts the daemon (a real ``python -m tagger serve``) on an empty temporary folder with the
 shipped model and the default decode workers, and reads /proc:
 
-1. idle after start-up (model loaded, decode workers started and warmed);
+1. idle after start-up (the model is checked; its session and the decode processes start on
+   the first file);
 2. while tagging ``--files`` real 30-second GTZAN clips copied in at once (sampled peak);
 3. idle again, ``--idle`` seconds after they are all tagged (before the idle release);
 4. idle for good: after ``[daemon] idle_release`` (``--release``, default the daemon's
