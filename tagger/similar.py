@@ -3,7 +3,7 @@
 Everything comes from the database: the query's embedding and every other track's of
 the same model, loaded as one float16 matrix and compared in numpy (a single matrix-
 vector product). ``benchmarks/similar_query.py`` measures a query over 100,000 stored
-embeddings; the figure is in the README. No audio is decoded and no model is loaded.
+embeddings; the figure is in docs/benchmarks.md. No audio is decoded and no model is loaded.
 """
 
 from __future__ import annotations

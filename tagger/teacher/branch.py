@@ -1,6 +1,6 @@
 """The genre model with a frozen pretrained branch: musicnn behind the bridge.
 
-Route chosen for the shipped model (see README, "The model"): the teacher's own
+Route chosen for the shipped model (see docs/model.md): the teacher's own
 front-end, mid-end and back-end (musicnn, pretrained on ~200 k songs, frozen)
 hear each window through the bridge; their per-patch pooled features (mean and
 max over time of 753 features per frame) are pooled again over the window's

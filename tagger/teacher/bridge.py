@@ -43,7 +43,7 @@ PATCHES_PER_WINDOW = 10
 BRIDGE_FRAMES = PATCH_FRAMES * PATCHES_PER_WINDOW
 #: dB span of the window's levels (``power_to_db(..., top_db=80)``).
 LEVEL_DB_SPAN = features.TOP_DB
-#: Fitted by ``tagger teacher calibrate`` on the 88 shared clip pairs (see README).
+#: Fitted by ``tagger teacher calibrate`` on the 88 shared clip pairs (see docs/model.md).
 DEFAULT_LOG10_GAIN = 2.17
 
 

@@ -15,7 +15,7 @@ The student sees only our representation; at scan time it is a plain DenseNet
    Crops start and end on patch boundaries so each crop's target is exactly the
    pooling of cached per-patch outputs (``PatchCache``). A genre loss can sit
    beside them (``genre_weight``), but trained jointly from the start the genre
-   loss climbed and the student learnt little of the teacher (README).
+   loss climbed and the student learnt little of the teacher (docs/model.md).
 2. Fine-tuning: the DenseNet recipe of ``tagger.model.train`` on the labelled
    windows, starting from the distilled weights.
 
