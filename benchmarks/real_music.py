@@ -45,6 +45,18 @@ def _groups(per: dict) -> str:
     return "\n".join(out)
 
 
+def first_windows(data, rows, n: int) -> list[int]:
+    """Of ``rows``, the first ``n`` windows of each track (a scan hears at most ``max_windows``)."""
+    seen: dict[str, int] = {}
+    out = []
+    for i in rows:
+        k = seen.get(data.tracks[i], 0)
+        if k < n:
+            out.append(i)
+        seen[data.tracks[i]] = k + 1
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="bundle directory (default: the shipped model)")
@@ -53,6 +65,7 @@ def main() -> int:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--threshold", type=float, default=None, help="min_confidence to report per genre (default: [tags] min_confidence)")
     ap.add_argument("--cache", default=str(ROOT / "runs" / "teacher-cache"), help="teacher feature cache")
+    ap.add_argument("--windows", type=int, default=None, help="windows of a track scored, its first ones, as a scan with [model] max_windows hears them (default: the config's)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if not Path(a.labelled).is_file() or not Path(a.data).is_dir():
@@ -60,7 +73,7 @@ def main() -> int:
         return 2
 
     from tagger import vocabulary
-    from tagger.config import TagsConfig
+    from tagger.config import ModelConfig, TagsConfig
     from tagger.dataset import load_dataset, read_split
     from tagger.model import scoring
     from tagger.model.bundle import load_bundle
@@ -68,6 +81,7 @@ def main() -> int:
     from tagger.teacher import mixed
 
     threshold = TagsConfig().min_confidence if a.threshold is None else a.threshold
+    windows = ModelConfig().max_windows if a.windows is None else a.windows
     bundle = load_bundle(a.model)
     labels = bundle.labels
     training = bundle.meta.get("training", {})
@@ -77,33 +91,41 @@ def main() -> int:
     extra = mixed.load_labelled(a.labelled)
     table = {k: frozenset(v) for k, v in training.get("label_map", {}).items()} or vocabulary.SOURCE_MAP
     saw_extra = "labelled" in training.get("data", {})
-    result: dict = {"model": {"name": bundle.name, "sha256": bundle.sha256}, "threshold": threshold}
+    result: dict = {"windows_per_track": windows, "model": {"name": bundle.name, "sha256": bundle.sha256}, "threshold": threshold}
     if saw_extra:
         from tagger.model import partial
         from tagger.teacher.branch import HeadConfig, PatchCache, window_features
+        from tagger.teacher.musicnn import Bridge
+        from tagger.teacher.top import interleave, musicnn_top_weights
 
         head = training["head"]
-        cfg = HeadConfig(**{k: head[k] for k in ("patches", "embedding_dim", "l2", "log10_gain", "seed") if k in head})
+        cfg = HeadConfig(**{k: head[k] for k in ("patches", "embedding_dim", "l2", "log10_gain", "seed", "top", "top_weight") if k in head})
         mode = f"recipe refitted under {a.folds}-fold cross-validation grouped by artist"
         data = mixed.concat([mixed.from_dataset(train), mixed.from_dataset(valid, "valid"), extra])
         mean, mx = PatchCache(Path(a.cache), cfg.log10_gain).outputs(data.x)
         f = window_features(mean, mx, cfg.patches)
+        with_tops = cfg.top.get("members", 0) > 0
+        xt = interleave(mean, mx) if with_tops else None
+        start = musicnn_top_weights() if with_tops else None
+        if with_tops:
+            mode += f", {cfg.top['members']} fine-tuned tops a fold"
         mask, keep = mixed.targets(data, labels, table)
-        logits = mixed.held_out_logits(f, mask, keep, data.groups, cfg, a.folds)
-        t = partial.fit_temperature(logits[keep], mask[keep])
-        probs = partial.softmax(logits / t)
+        lin, top = mixed.held_out(f, xt, mask, keep, data.groups, cfg, start, a.folds)
+        probs = mixed.calibrate(lin, top, mask, keep, cfg)
+        t = cfg.temperature
         rep = mixed.cv_report(probs, data, labels, table, train.labels, 0.8)
-        # GTZAN valid: the recipe fitted on GTZAN train + the windows, this temperature
+        # GTZAN valid: the recipe fitted on GTZAN train + the windows, these temperatures
         n_tr = len(train.x)
         sel = np.r_[np.arange(n_tr), np.arange(n_tr + len(valid.x), len(data))]
         sel = sel[keep[sel]]
-        h = mixed.fit_head(f[sel], mask[sel], cfg)
-        vp = partial.softmax(h.logits(f[n_tr : n_tr + len(valid.x)]) / t)
+        fitted = mixed.fit_all(f[sel], xt[sel] if with_tops else None, mask[sel], cfg, start)
+        va = np.arange(n_tr, n_tr + len(valid.x))
+        vp = partial.softmax(fitted.logits(f[va], xt[va][:, Bridge.patch_indices(cfg.patches)] if with_tops else None))
         vrep = report_from(vp, valid, labels, among=valid.labels)
-        real_probs_rows = rep["real_music"]
-        # per-genre table at the asked threshold
-        idx = [i for i, s in enumerate(data.sources) if s != "gtzan"]
+        # the real-music tracks as a scan with [model] max_windows hears them
+        idx = first_windows(data, [i for i, s in enumerate(data.sources) if s != "gtzan"], windows)
         tp, tracks, allowed, names = mixed.per_track(probs[idx], data, idx, table)
+        real_probs_rows = {"curve": scoring.curve(tp, labels, allowed), "tracks": len(tracks)}
         result["temperature"] = t
         result["gtzan_cv_accuracy"] = rep["gtzan"]["accuracy_among_its_genres"]
     else:
@@ -111,7 +133,8 @@ def main() -> int:
 
         mode = "bundle run as it is (it never saw these windows)"
         clf = Classifier(bundle, workers=0)
-        tp, tracks, allowed, names = mixed.per_track(clf.predict_windows(extra.x), extra, range(len(extra)), table)
+        idx = first_windows(extra, range(len(extra)), windows)
+        tp, tracks, allowed, names = mixed.per_track(clf.predict_windows(extra.x[idx]), extra, idx, table)
         real_probs_rows = {"curve": scoring.curve(tp, labels, allowed), "tracks": len(tracks)}
         vrep = report_from(clf.predict_windows(valid.x), valid, labels, among=valid.labels)
         if (training.get("data", {}).get("train") or {}).get("clips", 0) > len(train.ids):
@@ -126,7 +149,7 @@ def main() -> int:
         print(json.dumps(result, indent=1))
         return 0
     print(f"model {bundle.name} ({bundle.sha256[:12]}): {mode}")
-    print(f"\nreal music, {len(tracks)} tracks (extra-music), written genre scored against the source's genres")
+    print(f"\nreal music, {len(tracks)} tracks (extra-music, at most {windows} window(s) a track), written genre scored against the source's genres")
     print(_table(result["real_music"]["curve"], threshold))
     print(f"\nper source genre at min_confidence {threshold:.2f}")
     print(_groups(result["real_music"]["per_source_genre"]))

@@ -94,7 +94,7 @@ def main(ctx: click.Context, config_file: str | None, verbose: int) -> None:
 @click.option("--teacher", type=click.Choice(["musicnn"]), default=None, help="Build the model on the pretrained musicnn tagger (frozen branch + linear head, or with --distill a DenseNet taught by it; needs `pip install --no-deps musicnn==0.1.0`).")
 @click.option("--densenet", "densenet_bundle", type=click.Path(exists=True), default=None, help="With --teacher: a DenseNet bundle (from `tagger train`, same training data) pooled with the branch.")
 @click.option("--densenet-weight", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="With --densenet: its weight in the log-linear pool of the two branches.")
-@click.option("--patches", type=click.IntRange(1, 10), default=None, help="With --teacher: 3-second patches of each window the teacher hears (default 5; speed knob).")
+@click.option("--patches", type=click.IntRange(1, 10), default=None, help="With --teacher: 3-second patches of each window the teacher hears (default 5, with --labelled 6; speed knob).")
 @click.option("--embedding-dim", type=click.IntRange(2), default=None, help="With --teacher: principal components kept as the embedding (default 256).")
 @click.option("--head-c", type=float, default=None, help="With --teacher: inverse L2 strength of the logistic-regression head (default 0.02).")
 @click.option("--distill", is_flag=True, help="With --teacher: train a DenseNet student to reproduce the teacher's tags and penultimate layer (plus the genres) instead of building the branch; the bundle is a plain DenseNet.")
@@ -109,8 +109,9 @@ def main(ctx: click.Context, config_file: str | None, verbose: int) -> None:
 @click.option("--vocabulary", "vocabulary_list", default=None, help="With --labelled: the model's labels, comma-separated (default: DATA's genres plus every mapped label with 20 or more windows, plus 'other').")
 @click.option("--cv", "cv_folds", type=click.IntRange(0), default=5, show_default=True, help="With --labelled: folds of the artist-grouped cross-validation that calibrates the probabilities and measures the precision curve (0 skips it).")
 @click.option("--l2", type=float, default=None, help="With --labelled: L2 strength of the label-set head (default 0.1).")
+@click.option("--top-weight", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="With --labelled: share of the fine-tuned musicnn tops in the pooled logits (--members of them, default 5, each --epochs, default 30, at --learning-rate, default 3e-4; --members 0: the linear head alone).")
 @pass_ctx
-def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, members, crop, batch_size, learning_rate, patience, seed, select, arch_json, out_dir, cache_dir, name, jobs, mixup, masks, teacher, densenet_bundle, densenet_weight, patches, embedding_dim, head_c, distill, extra_paths, tag_weight, penultimate_weight, labelled_per_batch, genre_weight, finetune_epochs, labelled_paths, label_map, vocabulary_list, cv_folds, l2) -> None:
+def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, members, crop, batch_size, learning_rate, patience, seed, select, arch_json, out_dir, cache_dir, name, jobs, mixup, masks, teacher, densenet_bundle, densenet_weight, patches, embedding_dim, head_c, distill, extra_paths, tag_weight, penultimate_weight, labelled_per_batch, genre_weight, finetune_epochs, labelled_paths, label_map, vocabulary_list, cv_folds, l2, top_weight) -> None:
     """Train a genre model on DATA (PNG layout or <genre>/ audio folders)."""
     import numpy as np
 
@@ -183,7 +184,8 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
         va = _load_ids(data, valid_ids, cache, "validation data", labels=tr.labels) if valid_ids else None
     except ValueError as exc:
         fail(str(exc))
-    click.echo(f"training on {tr.n_clips} clips ({len(tr.x)} windows), validating on {va.n_clips if va else 0}; {cfg.members} member(s) x {cfg.epochs} epochs", err=True)
+    route = "" if teacher and not distill else f"; {cfg.members} member(s) x {cfg.epochs} epochs"  # the teacher routes say their own
+    click.echo(f"training on {tr.n_clips} clips ({len(tr.x)} windows), validating on {va.n_clips if va else 0}{route}", err=True)
 
     def progress(row: dict) -> None:
         if row.get("finished"):
@@ -223,11 +225,18 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
                 from .model.bundle import file_sha256
                 from .teacher.branch import HeadConfig
                 from .teacher.mixed import run_mixed_training
+                from .teacher.top import TopConfig
 
-                hc = HeadConfig(patches=3)
+                hc = HeadConfig(patches=6)
                 for key, value in {"patches": patches, "embedding_dim": embedding_dim, "l2": l2, "seed": seed}.items():
                     if value is not None:
                         setattr(hc, key, value)
+                tc = TopConfig()
+                for key, value in {"members": members, "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size}.items():
+                    if value is not None:
+                        setattr(tc, key, value)
+                hc.top = tc.to_dict() if tc.members > 0 else {}
+                hc.top_weight = top_weight if tc.members > 0 else 0.0
                 summary["labelled"] = [{"file": Path(p).name, "sha256": file_sha256(Path(p))} for p in labelled_paths]
                 vocab = [v.strip().lower() for v in vocabulary_list.split(",") if v.strip()] if vocabulary_list else None
                 try:

@@ -49,7 +49,7 @@ class DatabaseConfig:
 class ModelConfig:
     path: str = ""
     batch_size: int = 64
-    max_windows: int = 2
+    max_windows: int = 1
     workers: int = 0
 
 
@@ -57,7 +57,7 @@ class ModelConfig:
 class TagsConfig:
     policy: str = "keep"
     top_k: int = 1
-    min_confidence: float = 0.65
+    min_confidence: float = 0.6
     separator: str = "; "
     #: How labels are written (labels not named here: tagger.vocabulary.DISPLAY).
     names: dict[str, str] = field(default_factory=lambda: dict(DISPLAY))

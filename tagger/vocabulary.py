@@ -7,7 +7,8 @@ name, which of our labels it allows. A window whose source names several genres
 (``Electronic; Pop/Rock``) allows the union; a window whose names are all outside
 the vocabulary (``Comedy/Spoken``, ``Holiday``) allows only :data:`NONE_LABEL`,
 "none of my genres". Names that cut across the others (``International``,
-``Vocal``) allow nothing by themselves and are ignored beside a real genre.
+``Vocal``) are ignored beside a real genre; alone they say "none of my genres" too
+(world music, vocal standards: none of our labels would be right for them).
 
 The same table scores what tagger writes (``benchmarks/real_music.py``): a written
 genre is right when the source's names allow it. Pure functions, no I/O but the
@@ -58,7 +59,8 @@ SOURCE_MAP: dict[str, frozenset[str]] = {
         "Stage & Screen": {NONE_LABEL},
         "Easy Listening": {NONE_LABEL},
         "Avant-Garde": {NONE_LABEL},
-        # Cutting across the others (a language, a singing style): no genre of their own
+        # Cutting across the others (a language, a singing style): ignored beside a real
+        # genre; alone, "none of my genres" (allowed() maps an empty union to NONE_LABEL)
         "International": set(),
         "Vocal": set(),
     }.items()
@@ -111,7 +113,8 @@ def allowed(names: Iterable[str], table: Mapping[str, frozenset[str]] = SOURCE_M
 
     ``names`` are the source's values (``"Pop/Rock; Electronic"`` or a list). Labels
     outside ``vocabulary`` are dropped; a window whose genres are all outside it allows
-    only :data:`NONE_LABEL` (a window named only by cross-cutting names: ``None``).
+    only :data:`NONE_LABEL`, and so does a window named only by cross-cutting names
+    (``International`` alone is music from elsewhere: none of our genres fits it).
     """
     out: set[str] = set()
     known = False
@@ -120,8 +123,10 @@ def allowed(names: Iterable[str], table: Mapping[str, frozenset[str]] = SOURCE_M
         if k in table:
             known = True
             out |= table[k]
-    if not known or not out:  # nothing in the table, or only names that cut across genres
+    if not known:  # nothing in the table
         return None
+    if not out:  # only names that cut across genres (world music, vocal standards): none of ours
+        return frozenset({NONE_LABEL})
     real = out - {NONE_LABEL}
     if vocabulary is not None:
         real &= set(vocabulary)

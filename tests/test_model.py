@@ -226,7 +226,7 @@ def test_shipped_model_metadata(shipped):
     # (its choice among GTZAN's genres)
     valid = shipped.meta["metrics"]["selection_run_valid"]
     assert valid["n"] == 197 and valid["accuracy"] >= 0.6
-    assert shipped.meta["training"]["head"]["patches"] == 3
+    assert shipped.meta["training"]["head"]["patches"] == 6 and shipped.meta["training"]["head"]["top"]["members"] == 5
     assert shipped.meta["representation"]["version"] == features.REPRESENTATION_VERSION
 
 

@@ -93,9 +93,14 @@ def test_shipped_onnx_equals_keras_on_real_windows(shared_png):
     # the embedding is the Keras model's (256 principal components of the teacher's features)
     assert emb.shape == ref_emb.shape == (len(x), 256)
     assert float(np.abs(emb - ref_emb).max()) <= TOLERANCE * max(1.0, float(np.abs(ref_emb).max()))
-    # and the genre head sees exactly it: its logits (temperature folded in), softmaxed
+    # and the genre head sees exactly it: its logits (temperature folded in), plus the
+    # fine-tuned tops' (averaged over the heard patches), softmaxed
     w, bias = (np.asarray(v) for v in model.get_layer("head").get_weights())
     z = emb @ w + bias
+    if any(layer.name == "tops_logits" for layer in model.layers):
+        import keras
+
+        z = z + np.asarray(keras.Model(model.inputs, model.get_layer("tops_logits").output).predict_on_batch(x))
     p_head = np.exp(z - z.max(axis=1, keepdims=True))
     np.testing.assert_allclose(p_head / p_head.sum(axis=1, keepdims=True), ref, atol=1e-3)
 

@@ -49,9 +49,17 @@ class HeadConfig:
     l2: float = 0.1
     temperature: float = 1.0
     seed: int = 0
+    #: Fine-tuned musicnn tops beside the linear head (:mod:`tagger.teacher.top`): their
+    #: settings (empty: none), their share of the pooled logits, and the temperatures each
+    #: branch's held-out logits were divided by before pooling.
+    top: dict = field(default_factory=dict)
+    top_weight: float = 0.0
+    linear_temperature: float = 1.0
+    top_temperature: float = 1.0
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("patches", "embedding_dim", "c", "densenet_weight", "log10_gain", "extra", "l2", "temperature", "seed")}
+        keys = ("patches", "embedding_dim", "c", "densenet_weight", "log10_gain", "extra", "l2", "temperature", "seed", "top", "top_weight", "linear_temperature", "top_temperature")
+        return {k: getattr(self, k) for k in keys}
 
 
 def window_features(mean_pool: np.ndarray, max_pool: np.ndarray, patches: int) -> np.ndarray:
@@ -216,8 +224,13 @@ class LogLinearPool(layers.Layer):
         return {**super().get_config(), "weight": self.weight}
 
 
-def build_branch_model(musicnn, head: Head, cfg: HeadConfig, n_classes: int, densenet=None):
-    """The shipped Keras model: ``levels`` → outputs ``genre`` (probabilities) and ``embedding``."""
+def build_branch_model(musicnn, head: Head, cfg: HeadConfig, n_classes: int, densenet=None, tops=None):
+    """The shipped Keras model: ``levels`` → outputs ``genre`` (probabilities) and ``embedding``.
+
+    ``tops`` (fine-tuned musicnn tops, :class:`tagger.teacher.top.Top`, their pooling
+    weights and temperatures already folded into their last layer) add their logits,
+    averaged over the window's patches, to the linear head's.
+    """
     from .musicnn import Bridge, PatchPool
 
     inputs = keras.Input((features.N_MELS, features.N_COLUMNS), dtype="uint8", name="levels")
@@ -238,6 +251,8 @@ def build_branch_model(musicnn, head: Head, cfg: HeadConfig, n_classes: int, den
     dense = layers.Dense(n_classes, name="head")
     logits = dense(emb)
     dense.set_weights([head.coef.T.astype(np.float32), head.intercept.astype(np.float32)])
+    if tops:
+        logits = layers.Add(name="pooled_logits")([logits, _tops_graph(out, tops, cfg.patches)])
     if densenet is not None and cfg.densenet_weight > 0:
         densenet.trainable = False
         genre = LogLinearPool(cfg.densenet_weight, name="genre")([logits, densenet(inputs)])
@@ -246,6 +261,26 @@ def build_branch_model(musicnn, head: Head, cfg: HeadConfig, n_classes: int, den
     model = keras.Model(inputs, [genre, emb], name="musicnn_branch")
     model.trainable = False
     return model
+
+
+def _tops_graph(out, tops, patches: int):
+    """musicnn's per-patch pools → the tops' summed logits, averaged over each window's patches."""
+    from .musicnn import FRAME_FEATURES, PatchPool
+    from .top import BN_EPSILON
+
+    cols = [layers.Reshape((FRAME_FEATURES, 1), name=f"top_{n}_col")(out[n]) for n in ("max_pool", "mean_pool")]
+    x = layers.Flatten(name="top_input")(layers.Concatenate(axis=-1, name="top_pairs")(cols))  # (N·P, 1506)
+    per = []
+    for i, t in enumerate(tops):
+        bn0 = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"top{i}_pool_bn")
+        d1 = layers.Dense(200, activation="relu", name=f"top{i}_penultimate")
+        bn1 = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"top{i}_penultimate_bn")
+        d2 = layers.Dense(t.head[0].shape[1], name=f"top{i}_genres")
+        per.append(d2(bn1(d1(bn0(x)))))
+        for layer, w in ((bn0, t.pool_bn), (d1, t.dense), (bn1, t.dense_bn), (d2, t.head)):
+            layer.set_weights([np.asarray(v, np.float32) for v in w])
+    z = per[0] if len(per) == 1 else layers.Add(name="tops_sum")(per)
+    return PatchPool(patches, "mean", name="tops_logits")(z)
 
 
 def run_branch_training(

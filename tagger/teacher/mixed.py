@@ -36,6 +36,7 @@ from .. import vocabulary as vocab_
 from ..dataset import Dataset
 from ..model import partial, scoring
 from .branch import Head, HeadConfig, PatchCache, window_features
+from .top import interleave, musicnn_top_weights
 
 
 @dataclass
@@ -174,16 +175,70 @@ def fit_head(f: np.ndarray, mask: np.ndarray, cfg: HeadConfig, weights: np.ndarr
 
 
 def held_out_logits(f: np.ndarray, mask: np.ndarray, keep: np.ndarray, groups: Sequence[str], cfg: HeadConfig, k: int, say: Callable[[str], None] = lambda s: None) -> np.ndarray:
-    """Logits of every window from a head that never saw its artist (k-fold)."""
+    """Logits of every window from a linear head that never saw its artist (k-fold)."""
+    return held_out(f, None, mask, keep, groups, cfg, None, k, say)[0]
+
+
+@dataclass
+class Fitted:
+    """The linear head and the fine-tuned tops fitted on some windows, pooled as the shipped model pools them."""
+
+    head: Head
+    tops: list
+    cfg: HeadConfig
+
+    def logits(self, f: np.ndarray, xt: np.ndarray | None) -> np.ndarray:
+        """Pooled logits over the temperature (``xt``: the heard patches): ``softmax`` of these is what a scan sees."""
+        c = self.cfg
+        z = self.head.logits(f) / c.linear_temperature
+        if self.tops and xt is not None:
+            from .top import tops_logits
+
+            z = (1 - c.top_weight) * z + c.top_weight * tops_logits(self.tops, xt) / c.top_temperature
+        return z / c.temperature
+
+
+def fit_all(f: np.ndarray, xt: np.ndarray | None, mask: np.ndarray, cfg: HeadConfig, start: dict | None, say: Callable[[str], None] = lambda s: None) -> Fitted:
+    """The linear head on ``f`` and, when ``cfg.top`` asks for members, the tops on ``xt`` ``(N, 10, 1506)``."""
+    head = fit_head(f, mask, cfg)
+    tops: list = []
+    if xt is not None and cfg.top.get("members", 0) > 0:
+        from .top import TopConfig, fit_tops
+
+        tops = fit_tops(xt, mask, TopConfig(**cfg.top), cfg.patches, start=start or {}, seed=cfg.seed, say=say)
+    return Fitted(head, tops, cfg)
+
+
+def held_out(f: np.ndarray, xt: np.ndarray | None, mask: np.ndarray, keep: np.ndarray, groups: Sequence[str], cfg: HeadConfig, start: dict | None, k: int, say: Callable[[str], None] = lambda s: None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Held-out logits of the linear head and of the tops (``None`` without tops): k folds grouped by artist."""
+    from .musicnn import Bridge
+
     fold = grouped_folds(groups, k, cfg.seed)
-    out = np.zeros(mask.shape)
+    lin = np.zeros(mask.shape)
+    top = np.zeros(mask.shape) if xt is not None and cfg.top.get("members", 0) > 0 else None
+    idx = Bridge.patch_indices(cfg.patches)
     for i in range(k):
         tr = (fold != i) & keep
         te = fold == i
-        head = fit_head(f[tr], mask[tr], cfg)
-        out[te] = head.logits(f[te])
+        fitted = fit_all(f[tr], xt[tr] if top is not None else None, mask[tr], cfg, start, say)
+        lin[te] = fitted.head.logits(f[te])
+        if top is not None:
+            from .top import tops_logits
+
+            top[te] = tops_logits(fitted.tops, xt[te][:, idx])
         say(f"  fold {i + 1}/{k}: {int(tr.sum())} windows fitted, {int(te.sum())} held out")
-    return out
+    return lin, top
+
+
+def calibrate(lin: np.ndarray, top: np.ndarray | None, mask: np.ndarray, keep: np.ndarray, cfg: HeadConfig) -> np.ndarray:
+    """Each branch's temperature, then the pool's (all fitted on held-out logits, set in ``cfg``); the pooled probabilities."""
+    cfg.linear_temperature = partial.fit_temperature(lin[keep], mask[keep])
+    z = lin / cfg.linear_temperature
+    if top is not None:
+        cfg.top_temperature = partial.fit_temperature(top[keep], mask[keep])
+        z = (1 - cfg.top_weight) * z + cfg.top_weight * top / cfg.top_temperature
+    cfg.temperature = partial.fit_temperature(z[keep], mask[keep])
+    return partial.softmax(z / cfg.temperature)
 
 
 def cv_report(probs: np.ndarray, data: Labelled, labels: Sequence[str], table: Mapping[str, frozenset[str]], base: Sequence[str], precision: float) -> dict:
@@ -269,18 +324,26 @@ def run_mixed_training(
     say(f"teacher features of {len(data)} windows (cached in {cache_dir})")
     mean, mx = cache.outputs(data.x, progress=lambda i, n: say(f"  {i}/{n}") if i % 128 == 0 or i == n else None)
     f = window_features(mean, mx, cfg.patches)
+    with_tops = cfg.top.get("members", 0) > 0
+    xt = interleave(mean, mx) if with_tops else None
+    start = musicnn_top_weights() if with_tops else None
     metrics: dict = {}
     if cv >= 2:
-        say(f"{cv}-fold cross-validation, grouped by artist")
-        logits = held_out_logits(f, mask, keep, data.groups, cfg, cv, say)
-        cfg.temperature = partial.fit_temperature(logits[keep], mask[keep])
-        probs = partial.softmax(logits / cfg.temperature)
-        metrics["cv"] = {"folds": cv, "temperature": cfg.temperature, "held_out_set_nll": partial.set_nll(logits[keep], mask[keep], cfg.temperature), **cv_report(probs, data, labels, table, train.labels, precision)}
+        say(f"{cv}-fold cross-validation, grouped by artist" + (f" ({cfg.top['members']} fine-tuned tops a fold)" if with_tops else ""))
+        lin, top = held_out(f, xt, mask, keep, data.groups, cfg, start, cv, say)
+        probs = calibrate(lin, top, mask, keep, cfg)
+        pooled = np.log(np.clip(probs, 1e-12, None))
+        metrics["cv"] = {"folds": cv, "temperature": cfg.temperature, "held_out_set_nll": partial.set_nll(pooled[keep], mask[keep]), **cv_report(probs, data, labels, table, train.labels, precision)}
         say(f"temperature {cfg.temperature:.3f}")
-    head = fit_head(f[keep], mask[keep], cfg)
-    head.coef = head.coef / cfg.temperature
-    head.intercept = head.intercept / cfg.temperature
-    model = build_branch_model(load_musicnn(), head, cfg, len(labels))
+    say("fitting on every window")
+    fitted = fit_all(f[keep], xt[keep] if with_tops else None, mask[keep], cfg, start, say)
+    head, tops = fitted.head, fitted.tops
+    w_lin = (1 - cfg.top_weight) if tops else 1.0
+    scale = w_lin / (cfg.linear_temperature * cfg.temperature)
+    head.coef = head.coef * scale
+    head.intercept = head.intercept * scale
+    tops = [t.scaled(cfg.top_weight / (len(tops) * cfg.top_temperature * cfg.temperature)) for t in tops]
+    model = build_branch_model(load_musicnn(), head, cfg, len(labels), tops=tops)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     if valid is not None:
         say(f"evaluating on {len(valid.x)} validation windows")
@@ -294,7 +357,7 @@ def run_mixed_training(
     seconds = time.time() - t0
     training = {
         "data": {**data_summary, "labelled": {"windows": len(labelled), "with_a_label": int(keep[len(train.x):].sum()), "groups": len(set(labelled.groups))}},
-        "route": "frozen musicnn branch + linear head on label sets, calibrated",
+        "route": "frozen musicnn branch + linear head" + (f" + {len(tops)} fine-tuned musicnn tops" if tops else "") + " on label sets, calibrated",
         "head": cfg.to_dict(),
         "vocabulary": labels,
         "label_map": {k: sorted(v) for k, v in sorted(table.items())},
