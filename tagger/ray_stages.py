@@ -2,7 +2,7 @@
 
 Kept apart from :mod:`tagger.ray_engine` (the driver) so that a Ray worker imports only what
 its stage needs: a decode task numpy, the audio decoder and the mel filter bank; the model
-actor ONNX Runtime; a tag writer mutagen. Ray finds these functions and classes by module
+actor ONNX Runtime; a tag writer :mod:`tagger.library` (on its first write). Ray finds these functions and classes by module
 name, so every worker process that runs one imports this module; importing the driver's
 (the database layer, SQLAlchemy, the tag policies) cost each of them about 0.35 s of CPU,
 taken from the decoding on a small cluster (docs/cluster.md, Speed).
@@ -115,7 +115,7 @@ class ModelActor:
 
 def write_on_node(order: WriteOrder) -> Written:
     """:func:`tagger.library.write_tags` on this node, naming the node when it lacks the file."""
-    from .library import Written, write_tags  # the tag writers only: mutagen, the store's types
+    from .library import Written, write_tags  # in the writers only
 
     if not os.path.lexists(order.path):
         return Written(error=NOT_SEEN.format(node=_node_name()))
