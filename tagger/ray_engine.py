@@ -3,7 +3,8 @@
 The driver (the machine that runs ``tagger scan``) walks the folders, decides what is new
 or changed and records every result in the database, in the same transactions as a local
 scan (:class:`tagger.library.Library`). Ray Data runs the heavy stages in between, with
-its streaming execution (memory stays bounded however many files there are):
+its streaming execution (memory stays bounded however many files there are); the stages
+that run on the workers are in :mod:`tagger.ray_stages`, which imports little:
 
 - decoding: CPU tasks, each :func:`tagger.model.infer.decode_file` on a few files;
 - the model: an actor pool, one ONNX Runtime session per actor (one GPU each where the
@@ -34,10 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from . import features
-from .library import FileStat, Library, Outcome, TagJob, WriteOrder, Written, write_tags
+from .library import FileStat, Library, Outcome, TagJob
 from .model.head import HeadBundle, base_of
-from .model.infer import Classification, decode_file
+from .model.infer import Classification
+from .ray_stages import ModelActor, Writer, decode_row, write_on_node
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ WRITES_IN_FLIGHT = 64
 WRITE_RETRIES = 5
 #: Writes one node's writer makes at once (they wait on the disk or the share, not the CPU).
 WRITER_THREADS = 4
-#: The one-line reason for a path a node does not have.
-NOT_SEEN = "no such file on node {node} (every node must see the library at the same path)"
 
 
 class RayEngineError(Exception):
@@ -75,6 +74,8 @@ def available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("ray", "pyarrow"))
 
 
+#: Ray Data's switch that, set to 1, records no usage data for this driver's datasets.
+USAGE_ENV = "RAY_DATA_USAGE_DISABLED"
 #: Ray's switch that, set to 0, keeps a node's address on loopback (docs/cluster.md).
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
@@ -111,111 +112,6 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _node_name() -> str:
-    return socket.gethostname()
-
-
-# --- the stages as they run on the cluster ---------------------------------------------
-
-
-_threads_limited = False
-
-
-def decode_row(row: dict[str, Any], max_windows: int) -> dict[str, Any]:
-    """Decode one file on whichever node Ray chose; never raises for a bad file.
-
-    The windows travel as bytes (``n`` windows of ``N_MELS`` x ``N_COLUMNS`` uint8).
-    """
-    global _threads_limited
-    if not _threads_limited:  # one thread per decode task, as the local decode workers
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(1)
-        _threads_limited = True
-    import ray
-
-    path = str(row["path"])
-    node = ray.get_runtime_context().get_node_id()
-    out: dict[str, Any] = {"path": path, "node": node, "windows": b"", "n": 0, "duration": 0.0, "codec": "", "error": ""}
-    if not os.path.lexists(path):
-        out["error"] = NOT_SEEN.format(node=_node_name())
-        return out
-    d = decode_file(path, max_windows)
-    if d.error is not None or d.windows is None:
-        out["error"] = d.error or "no windows"
-        return out
-    out.update(windows=np.ascontiguousarray(d.windows, dtype=np.uint8).tobytes(), n=len(d.windows), duration=float(d.duration or 0.0), codec=d.codec or "")
-    return out
-
-
-class ModelActor:
-    """One ONNX Runtime session; turns batches of decoded files into per-file results.
-
-    Each file's probabilities and embedding are the mean over its windows, as
-    :meth:`tagger.model.infer.Classifier.classify` computes them.
-    """
-
-    def __init__(self, model: list[Any], cpu_chunk: int | None, batch_size: int):
-        import ray
-
-        from .model.runtime import OnnxModel
-
-        content = model[0]
-        if isinstance(content, ray.ObjectRef):
-            content = ray.get(content)
-        self.model = OnnxModel(content, cpu_chunk=cpu_chunk)
-        self.batch_size = max(1, int(batch_size))
-        shape = self.model.session.get_outputs()[1].shape
-        self.dim = shape[-1] if isinstance(shape[-1], int) else self.model.run(np.zeros((1, features.N_MELS, features.N_COLUMNS), np.uint8))[1].shape[-1]
-        self.n_labels = self.model.session.get_outputs()[0].shape[-1]
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = np.asarray(batch["n"], dtype=np.int64)
-        ok = np.flatnonzero(n > 0)
-        probs = np.zeros((len(n), self.n_labels), np.float32)
-        embs = np.zeros((len(n), self.dim), np.float32)
-        if len(ok):
-            shape = (features.N_MELS, features.N_COLUMNS)
-            x = np.concatenate([np.frombuffer(batch["windows"][i], np.uint8).reshape(int(n[i]), *shape) for i in ok])
-            ps, es = [], []
-            for s in range(0, len(x), self.batch_size):
-                p, e = self.model.run(x[s : s + self.batch_size])
-                ps.append(p)
-                es.append(e)
-            p_all, e_all = np.concatenate(ps), np.concatenate(es)
-            at = 0
-            for i in ok:
-                k = int(n[i])
-                probs[i] = p_all[at : at + k].mean(axis=0)
-                embs[i] = e_all[at : at + k].mean(axis=0, dtype=np.float32)
-                at += k
-        return {
-            "path": batch["path"],
-            "node": batch["node"],
-            "n": n,
-            "duration": batch["duration"],
-            "codec": batch["codec"],
-            "error": batch["error"],
-            "probs": probs,
-            "embedding": embs,
-        }
-
-
-def write_on_node(order: WriteOrder) -> Written:
-    """:func:`tagger.library.write_tags` on this node, naming the node when it lacks the file."""
-    if not os.path.lexists(order.path):
-        return Written(error=NOT_SEEN.format(node=_node_name()))
-    return write_tags(order)
-
-
-class Writer:
-    """Makes the tag writes of one node: a long-lived process (a task per write would start
-    a Ray worker, and import tagger, for every few files), a few writes at a time."""
-
-    def write(self, order: WriteOrder) -> Written:
-        return write_on_node(order)
-
-
 # --- the driver ----------------------------------------------------------------------
 
 
@@ -244,6 +140,10 @@ class RayEngine:
                 os.environ.setdefault(LOOPBACK_ENV, "0")
             if self.address != "auto":
                 _reachable(host, port)
+        # Nothing leaves the machine (README): Ray Data's usage record of this run stays
+        # unwritten. It is written by a detached actor of its own, one more worker process
+        # that a fresh cluster starts, importing Ray Data, while the scan begins.
+        os.environ.setdefault(USAGE_ENV, "1")
         import ray
 
         # Ray prints cluster events (a node lost, an actor restarted) on stdout; they are
