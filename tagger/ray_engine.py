@@ -118,7 +118,7 @@ def _one_line(exc: BaseException) -> str:
 class RayEngine:
     """Connects to a cluster and runs :meth:`process` in place of ``Library.process``."""
 
-    def __init__(self, address: str | None = None, *, batch_size: int = 64, max_windows: int = 2, model_actors: int = 0):
+    def __init__(self, address: str | None = None, *, batch_size: int = 64, max_windows: int = 1, model_actors: int = 0):
         self.address = address or "auto"
         self.batch_size = int(batch_size)
         self.max_windows = int(max_windows)
