@@ -199,7 +199,9 @@ class RayEngine:
         # A lost task runs again elsewhere, a lost actor starts again elsewhere and its
         # batches run again: Ray Data's defaults.
         ds = ds.map(decode_row, fn_kwargs={"max_windows": self.max_windows}, num_cpus=1, memory=DECODE_MEMORY)
-        files_per_batch = max(1, self.batch_size // max(1, self.max_windows))
+        # At most 16 files a model batch: the model starts while decoding goes on, and the
+        # last batch, which the scan waits for alone, stays short (docs/cluster.md).
+        files_per_batch = max(1, min(16, self.batch_size // max(1, self.max_windows)))
         # One actor per GPU; on CPUs the pool starts at one and may grow to one per two
         # nodes while the model is what the scan waits for (decoding takes most of the
         # CPU time); ``[ray] model_actors`` fixes it.
