@@ -249,7 +249,8 @@ def test_shipped_model_has_the_larger_vocabulary_and_calibration():
 
 
 def test_fine_tuned_tops_in_the_shipped_graph_equal_the_recipe():
-    """The Keras graph (exported to ONNX) pools the linear head and the tops exactly as training scored them."""
+    """The Keras graph (exported to ONNX), built from the folded head and tops, pools them exactly
+    as training scored them (weights and temperatures included)."""
     if not _musicnn_present():
         pytest.skip("musicnn weights not installed (pip install --no-deps musicnn==0.1.0)")
     import keras
@@ -258,16 +259,20 @@ def test_fine_tuned_tops_in_the_shipped_graph_equal_the_recipe():
     from tagger.teacher import bridge as br
     from tagger.teacher.branch import Head, HeadConfig, build_branch_model
     from tagger.teacher.checkpoint import load_musicnn
+    from tagger.teacher.mixed import Fitted
     from tagger.teacher.musicnn import Bridge
     from tagger.teacher.top import Top, interleave, musicnn_top_weights
 
     rng = np.random.default_rng(3)
     k, dim, patches = 4, 6, 2
     head = Head(rng.normal(size=3012), rng.uniform(0.5, 2, 3012), rng.normal(size=(dim, 3012)) / 50, rng.normal(size=3012), rng.normal(size=(k, dim)), rng.normal(size=k))
-    w = musicnn_top_weights()
-    tops = [Top(w["pool_bn"], w["penultimate"], w["penultimate_bn"], [rng.normal(size=(200, k)) / 10, rng.normal(size=k)]) for _ in range(2)]
     musicnn = load_musicnn()
-    model = build_branch_model(musicnn, head, HeadConfig(patches=patches), k, tops=tops)
+    w = musicnn_top_weights(musicnn)
+    tops = [Top(w["pool_bn"], w["penultimate"], w["penultimate_bn"], [rng.normal(size=(200, k)) / 10, rng.normal(size=k)]) for _ in range(2)]
+    cfg = HeadConfig(patches=patches, top_weight=0.3, linear_temperature=1.3, top_temperature=0.8, temperature=1.1)
+    fitted = Fitted(head, tops, cfg)
+    folded_head, folded_tops = fitted.folded()
+    model = build_branch_model(musicnn, folded_head, cfg, k, tops=folded_tops)
     x = rng.integers(0, 256, size=(3, features.N_MELS, features.N_COLUMNS), dtype=np.uint8)
     genre = np.asarray(model.predict_on_batch(x)[0])
     # the recipe's side: the teacher's pools of the same patches, then numpy
@@ -278,6 +283,6 @@ def test_fine_tuned_tops_in_the_shipped_graph_equal_the_recipe():
     mean, mx = (np.asarray(a).reshape(3, patches, 753) for a in keras.Model(inp, [out["mean_pool"], out["max_pool"]]).predict_on_batch(x))
     per = np.concatenate([mean, mx], -1)
     f = np.concatenate([per.mean(1), per.max(1)], -1)
-    z = head.logits(f) + sum(t.logits(interleave(mean, mx)) for t in tops)
+    z = fitted.logits(f, interleave(mean, mx))
     assert Bridge.patch_indices(patches) == [2, 7]
     np.testing.assert_allclose(genre, partial.softmax(z), atol=2e-4)

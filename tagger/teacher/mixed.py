@@ -36,7 +36,7 @@ from .. import vocabulary as vocab_
 from ..dataset import Dataset
 from ..model import partial, scoring
 from .branch import Head, HeadConfig, PatchCache, window_features
-from .top import interleave, musicnn_top_weights
+from .top import TopConfig, fit_tops, interleave, musicnn_top_weights, tops_logits
 
 
 @dataclass
@@ -174,11 +174,6 @@ def fit_head(f: np.ndarray, mask: np.ndarray, cfg: HeadConfig, weights: np.ndarr
     return Head(sc.mean_, sc.scale_, pca.components_, pca.mean_, coef, intercept)
 
 
-def held_out_logits(f: np.ndarray, mask: np.ndarray, keep: np.ndarray, groups: Sequence[str], cfg: HeadConfig, k: int, say: Callable[[str], None] = lambda s: None) -> np.ndarray:
-    """Logits of every window from a linear head that never saw its artist (k-fold)."""
-    return held_out(f, None, mask, keep, groups, cfg, None, k, say)[0]
-
-
 @dataclass
 class Fitted:
     """The linear head and the fine-tuned tops fitted on some windows, pooled as the shipped model pools them."""
@@ -192,10 +187,19 @@ class Fitted:
         c = self.cfg
         z = self.head.logits(f) / c.linear_temperature
         if self.tops and xt is not None:
-            from .top import tops_logits
-
             z = (1 - c.top_weight) * z + c.top_weight * tops_logits(self.tops, xt) / c.top_temperature
         return z / c.temperature
+
+    def folded(self) -> tuple[Head, list]:
+        """The head and tops with the pool's weights and temperatures folded into their last
+        layers: the sum of their logits is :meth:`logits`, what the exported graph adds up."""
+        c = self.cfg
+        w_lin = (1 - c.top_weight) if self.tops else 1.0
+        scale = w_lin / (c.linear_temperature * c.temperature)
+        h = self.head
+        head = Head(h.mean, h.scale, h.components, h.pca_mean, h.coef * scale, h.intercept * scale)
+        tops = [t.scaled(c.top_weight / (len(self.tops) * c.top_temperature * c.temperature)) for t in self.tops]
+        return head, tops
 
 
 def fit_all(f: np.ndarray, xt: np.ndarray | None, mask: np.ndarray, cfg: HeadConfig, start: dict | None, say: Callable[[str], None] = lambda s: None) -> Fitted:
@@ -203,8 +207,6 @@ def fit_all(f: np.ndarray, xt: np.ndarray | None, mask: np.ndarray, cfg: HeadCon
     head = fit_head(f, mask, cfg)
     tops: list = []
     if xt is not None and cfg.top.get("members", 0) > 0:
-        from .top import TopConfig, fit_tops
-
         tops = fit_tops(xt, mask, TopConfig(**cfg.top), cfg.patches, start=start or {}, seed=cfg.seed, say=say)
     return Fitted(head, tops, cfg)
 
@@ -223,8 +225,6 @@ def held_out(f: np.ndarray, xt: np.ndarray | None, mask: np.ndarray, keep: np.nd
         fitted = fit_all(f[tr], xt[tr] if top is not None else None, mask[tr], cfg, start, say)
         lin[te] = fitted.head.logits(f[te])
         if top is not None:
-            from .top import tops_logits
-
             top[te] = tops_logits(fitted.tops, xt[te][:, idx])
         say(f"  fold {i + 1}/{k}: {int(tr.sum())} windows fitted, {int(te.sum())} held out")
     return lin, top
@@ -326,7 +326,8 @@ def run_mixed_training(
     f = window_features(mean, mx, cfg.patches)
     with_tops = cfg.top.get("members", 0) > 0
     xt = interleave(mean, mx) if with_tops else None
-    start = musicnn_top_weights() if with_tops else None
+    musicnn = load_musicnn()
+    start = musicnn_top_weights(musicnn) if with_tops else None
     metrics: dict = {}
     if cv >= 2:
         say(f"{cv}-fold cross-validation, grouped by artist" + (f" ({cfg.top['members']} fine-tuned tops a fold)" if with_tops else ""))
@@ -337,13 +338,8 @@ def run_mixed_training(
         say(f"temperature {cfg.temperature:.3f}")
     say("fitting on every window")
     fitted = fit_all(f[keep], xt[keep] if with_tops else None, mask[keep], cfg, start, say)
-    head, tops = fitted.head, fitted.tops
-    w_lin = (1 - cfg.top_weight) if tops else 1.0
-    scale = w_lin / (cfg.linear_temperature * cfg.temperature)
-    head.coef = head.coef * scale
-    head.intercept = head.intercept * scale
-    tops = [t.scaled(cfg.top_weight / (len(tops) * cfg.top_temperature * cfg.temperature)) for t in tops]
-    model = build_branch_model(load_musicnn(), head, cfg, len(labels), tops=tops)
+    head, tops = fitted.folded()
+    model = build_branch_model(musicnn, head, cfg, len(labels), tops=tops)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     if valid is not None:
         say(f"evaluating on {len(valid.x)} validation windows")

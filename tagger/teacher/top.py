@@ -80,12 +80,13 @@ def _bn(x: np.ndarray, w: list[np.ndarray]) -> np.ndarray:
     return (x - mean) / np.sqrt(var + BN_EPSILON) * gamma + beta
 
 
-def musicnn_top_weights() -> dict[str, list[np.ndarray]]:
-    """The checkpoint's weights of :data:`TOP_LAYERS`."""
-    from .checkpoint import load_musicnn
+def musicnn_top_weights(musicnn=None) -> dict[str, list[np.ndarray]]:
+    """The checkpoint's weights of :data:`TOP_LAYERS` (from ``musicnn`` when it is loaded already)."""
+    if musicnn is None:
+        from .checkpoint import load_musicnn
 
-    m = load_musicnn()
-    return {n: [np.asarray(w) for w in m.get_layer(n).get_weights()] for n in TOP_LAYERS}
+        musicnn = load_musicnn()
+    return {n: [np.asarray(w) for w in musicnn.get_layer(n).get_weights()] for n in TOP_LAYERS}
 
 
 def _set_loss(mask, z):
