@@ -59,6 +59,10 @@ WRITES_IN_FLIGHT = 64
 WRITE_RETRIES = 5
 #: Writes one node's writer makes at once (they wait on the disk or the share, not the CPU).
 WRITER_THREADS = 4
+#: ONNX Runtime threads of a model actor on a cluster without GPUs, and the CPUs it reserves
+#: (at most; a node always keeps one CPU for decoding). Unset, ONNX Runtime would use every
+#: core of the node, which the node's decode tasks need too.
+MODEL_THREADS = 2
 
 
 class RayEngineError(Exception):
@@ -191,32 +195,41 @@ class RayEngine:
 
         res = ray.cluster_resources()
         gpus = int(res.get("GPU", 0))
-        nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        cpus = int(res.get("CPU", 0))
+        # A CPU model actor runs MODEL_THREADS ONNX Runtime threads and reserves as many CPUs,
+        # or fewer: it leaves every node at least one CPU for decoding: an actor that took a whole node
+        # would starve the decode tasks on a one-node cluster, or on the node left when the
+        # others are lost (the scan would wait forever).
+        node_cpus = [float(n.get("Resources", {}).get("CPU", 0)) for n in alive] or [1.0]
+        threads = max(1, min(MODEL_THREADS, int(max(node_cpus))))
+        reserve = max(0.5, min(float(threads), min(node_cpus) - 1))
         ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, math.ceil(len(paths) / FILES_PER_TASK)))
         # A decode task reserves the memory it may take, so that a node runs no more of
         # them than it holds; the model actors reserve none, which also keeps Ray Data from
         # fusing decoding into the actors (decoding stays in CPU tasks on every node).
-        # A lost task runs again elsewhere, a lost actor starts again elsewhere and its
-        # batches run again: Ray Data's defaults.
+        # A lost task runs again elsewhere, a lost actor starts again
+        # elsewhere and its batches run again: Ray Data's defaults.
         ds = ds.map(decode_row, fn_kwargs={"max_windows": self.max_windows}, num_cpus=1, memory=DECODE_MEMORY)
         # At most 16 files a model batch: the model starts while decoding goes on, and the
         # last batch, which the scan waits for alone, stays short (docs/cluster.md).
         files_per_batch = max(1, min(16, self.batch_size // max(1, self.max_windows)))
-        # One actor per GPU; on CPUs the pool starts at one and may grow to one per two
-        # nodes while the model is what the scan waits for (decoding takes most of the
-        # CPU time); ``[ray] model_actors`` fixes it.
+        # One actor per GPU. On CPUs the model takes most of a scan's CPU time (a window
+        # costs several times its decoding), so the pool starts at one actor and grows while
+        # the model is what the scan waits for, up to every CPU but one actor's worth (kept
+        # for decoding); ``[ray] model_actors`` fixes it.
         if self.model_actors > 0:
             pool = ray.data.ActorPoolStrategy(size=self.model_actors)
         else:
-            pool = ray.data.ActorPoolStrategy(min_size=1, max_size=gpus or max(1, nodes // 2))
+            pool = ray.data.ActorPoolStrategy(min_size=1, max_size=gpus or max(1, int(cpus // threads) - 1))
         return ds.map_batches(
             ModelActor,
-            fn_constructor_kwargs={"model": [model_ref], "cpu_chunk": cpu_chunk, "batch_size": self.batch_size},
+            fn_constructor_kwargs={"model": [model_ref], "cpu_chunk": cpu_chunk, "batch_size": self.batch_size, "threads": None if gpus else threads},
             batch_size=files_per_batch,
             batch_format="numpy",
             compute=pool,
             num_gpus=1 if gpus else 0,
-            num_cpus=0 if gpus else 1,
+            num_cpus=0 if gpus else reserve,
         )
 
     def process(self, library: Library, files: list[FileStat]) -> Iterator[Outcome]:
@@ -236,7 +249,7 @@ class RayEngine:
         onnx = (base.path / "model.onnx").read_bytes()
         model_ref = ray.put(onnx)
         cpu_chunk = base.meta.get("runtime", {}).get("cpu_chunk")
-        # One writer per node that decodes, made when its first write comes. A writer lost
+        # One writer per other node that decodes, made when its first write comes. A writer lost
         # with its node starts again elsewhere and its writes run again (they are idempotent).
         writer_class = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=WRITE_RETRIES, max_concurrency=WRITER_THREADS)(Writer)
         writers: dict[str, Any] = {}
@@ -246,6 +259,7 @@ class RayEngine:
                 writers[node] = writer_class.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)).remote()
             return writers[node]
         by_path = {f.path: f for f in files}
+        here = ray.get_runtime_context().get_node_id()
         pending: dict[Any, TagJob] = {}
 
         def settle(block: bool) -> Iterator[Outcome]:
@@ -270,7 +284,9 @@ class RayEngine:
                     rows = ds.iter_rows()
                     for row in rows:
                         result = _classification(row, labels, head)
-                        out = library.apply(result, by_path[result.path], defer=True)
+                        # A file decoded on the driver's own node is written here, as a
+                        # local scan writes it; the others on the node that decoded them.
+                        out = library.apply(result, by_path[result.path], defer=str(row["node"]) != here)
                         if isinstance(out, TagJob):
                             node = str(row["node"])
                             ref = writer(node).write.remote(out.order)

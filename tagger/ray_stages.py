@@ -67,7 +67,7 @@ class ModelActor:
     :meth:`tagger.model.infer.Classifier.classify` computes them.
     """
 
-    def __init__(self, model: list[Any], cpu_chunk: int | None, batch_size: int):
+    def __init__(self, model: list[Any], cpu_chunk: int | None, batch_size: int, threads: int | None = None):
         import ray
 
         from .model.runtime import OnnxModel
@@ -75,7 +75,7 @@ class ModelActor:
         content = model[0]
         if isinstance(content, ray.ObjectRef):
             content = ray.get(content)
-        self.model = OnnxModel(content, cpu_chunk=cpu_chunk)
+        self.model = OnnxModel(content, cpu_chunk=cpu_chunk, threads=threads)
         self.batch_size = max(1, int(batch_size))
         shape = self.model.session.get_outputs()[1].shape
         self.dim = shape[-1] if isinstance(shape[-1], int) else self.model.run(np.zeros((1, features.N_MELS, features.N_COLUMNS), np.uint8))[1].shape[-1]

@@ -108,6 +108,30 @@ def _genre_tag(path: Path) -> list[str]:
     return [str(v) for f in tags.getall("TCON") for v in f.text]
 
 
+def test_one_node_cluster(mp3s: list[Path], tmp_path: Path) -> None:
+    """A cluster of one two-CPU node finishes: the model actor leaves the node a CPU to decode on.
+
+    Runs before the module's two-node cluster starts, so that the two never share the cores.
+    """
+    saved = {k: os.environ.get(k) for k in LOOPBACK}
+    os.environ.update(LOOPBACK)
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False, "object_store_memory": 200 * 2**20})
+    try:
+        lib = _library(tmp_path / "lib", mp3s[:4], broken=False)
+        s = _scan(_config(tmp_path, tmp_path / "t.db"), "--engine", "ray", "--address", c.address, str(lib), expect=0)
+    finally:
+        c.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert s["counts"]["tagged"] == 4
+    assert {st for st, _ in _recorded(tmp_path / "t.db", lib).values()} == {"tagged"}
+
+
 def test_same_as_a_local_scan(cluster, mp3s: list[Path], tmp_path: Path) -> None:
     """Same genres, same tags in the files, same summary; the broken file reported and recorded."""
     local, remote = _library(tmp_path / "local", mp3s), _library(tmp_path / "ray", mp3s)

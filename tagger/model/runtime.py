@@ -75,7 +75,8 @@ class OnnxModel:
     """One inference session; CUDA when ONNX Runtime has it (``gpu`` extra), else the CPU."""
 
     def __init__(
-        self, path: str | Path | bytes, *, providers: list[str] | None = None, chunk: int | None = None, cpu_chunk: int | None = None, arena: bool = True
+        self, path: str | Path | bytes, *, providers: list[str] | None = None, chunk: int | None = None, cpu_chunk: int | None = None, arena: bool = True,
+        threads: int | None = None,
     ):
         import onnxruntime as ort
 
@@ -105,6 +106,10 @@ class OnnxModel:
         # spin between batches would take CPU from them.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if threads:
+            # A Ray model actor runs as many threads as the CPUs it reserves (ONNX Runtime's
+            # default is every core of the machine, which the decode tasks also use).
+            so.intra_op_num_threads = int(threads)
         try:
             self.session = ort.InferenceSession(source, sess_options=so, providers=providers)
         except Exception as exc:  # ORT raises its own types (Fail, InvalidProtobuf, ...)
