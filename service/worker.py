@@ -205,11 +205,7 @@ class Worker:
                     self._simple(job)
             todo = [j for j in batch if j.kind == "classify"]
             if todo and not self._stopping():
-                clf = self.library.classifier
-                cold = clf is not None and not clf.started
                 self._classify(todo)
-                if cold and clf.started:
-                    log.info("model started on %s", clf.device)
         except Exception as exc:
             if self.library.classifier is not None:
                 self.library.classifier.close()  # a broken decode pool is rebuilt on next use
@@ -415,9 +411,20 @@ class Worker:
                 self._finish(by_path[f.path])
         if not todo:
             return
+        clf = self.library.classifier
+        cold = clf is not None and not clf.started
+
+        def say_started() -> None:
+            # Said before the first result is recorded, so the log reads in order.
+            nonlocal cold
+            if cold and clf is not None and clf.started:
+                cold = False
+                log.info("model started on %s", clf.device)
+
         gen = self.library.process(todo)
         try:
             for outcome in gen:
+                say_started()
                 job = by_path[outcome.path]
                 if outcome.action == "failed":
                     self._finish(job, error=outcome.reason or "failed")
@@ -432,6 +439,7 @@ class Worker:
                     break
         finally:
             gen.close()
+            say_started()
 
 
 def _log_outcome(o: Outcome) -> None:
