@@ -185,6 +185,12 @@ def test_mixed_training_writes_a_calibrated_bundle_with_the_vocabulary(mixed_bun
     made = str(mixed_bundle.parent)  # the folders of the "training machine"
     assert made not in (mixed_bundle / "bundle.json").read_text()
     assert all(made.encode() not in (mixed_bundle / f).read_bytes() for f in ("model.keras", "model.onnx"))
+    # the export pooled musicnn's five front-end branches before their batch norms (docs/model.md)
+    import onnx
+
+    graph = onnx.load(str(mixed_bundle / "model.onnx")).graph
+    made_by = {o: n.op_type for n in graph.node for o in n.output}
+    assert sum(n.op_type == "ReduceMax" and made_by.get(n.input[0]) == "Conv" for n in graph.node) == 5
 
 
 def _tagger(cfg: Path, *args: str) -> subprocess.CompletedProcess:
