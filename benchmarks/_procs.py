@@ -21,9 +21,10 @@ class Proc:
     pss_mb: float
 
 
-def descendants(pid: int) -> list[tuple[int, int]]:
-    """``(pid, depth)`` of ``pid`` and every process below it."""
-    children: dict[int, list[int]] = {}
+def stats() -> dict[int, list[str]]:
+    """Every process's ``/proc/PID/stat`` fields after its name (``[0]`` the state, ``[1]`` the
+    parent, ``[11]``/``[12]`` user/system CPU in clock ticks); processes that vanish are left out."""
+    out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -32,8 +33,15 @@ def descendants(pid: int) -> list[tuple[int, int]]:
                 stat = f.read()
         except OSError:
             continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
+        out[int(entry)] = stat[stat.rindex(")") + 2 :].split()
+    return out
+
+
+def descendants(pid: int) -> list[tuple[int, int]]:
+    """``(pid, depth)`` of ``pid`` and every process below it."""
+    children: dict[int, list[int]] = {}
+    for p, fields in stats().items():
+        children.setdefault(int(fields[1]), []).append(p)
     out, todo = [], [(pid, 0)]
     while todo:
         p, depth = todo.pop()

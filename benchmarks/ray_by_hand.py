@@ -27,6 +27,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -34,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _library import four_minute_mp3s  # noqa: E402
+from _procs import stats  # noqa: E402
 from scan_ray import LOOPBACK, config, fresh_copy  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -44,18 +46,13 @@ BIN = Path(sys.executable).parent
 def _proc_cpu() -> dict[int, tuple[str, float]]:
     """``pid: (title, CPU seconds so far)`` of every process."""
     out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid, fields in stats().items():
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        out[int(entry)] = (cmd, (int(fields[11]) + int(fields[12])) / TICK)
+        out[pid] = (cmd, (int(fields[11]) + int(fields[12])) / TICK)
     return out
 
 
@@ -157,7 +154,7 @@ def main() -> None:
     args = ap.parse_args()
     if not (BIN / "ray").exists() or not (BIN / "tagger").exists():
         raise SystemExit(f"no `ray` or `tagger` command in {BIN}: run it with the venv's python, with the ray extra installed")
-    work = Path(args.work or "/tmp/tagger-ray-by-hand")
+    work = Path(args.work) if args.work else Path(tempfile.gettempdir()) / "tagger-bench-ray-by-hand"
     work.mkdir(parents=True, exist_ok=True)
     src = four_minute_mp3s(work / "mp3", args.tracks)[0].parents[1]  # the library folder
     address = f"127.0.0.1:{args.port}"
