@@ -38,6 +38,7 @@ from .store.models import (
     TRACK_TAGGED,
     TRACK_UNTAGGED,
 )
+from .tags.orders import WriteOrder, Written, fold, write_tags
 from .vocabulary import NONE_LABEL
 
 log = logging.getLogger(__name__)
@@ -234,35 +235,6 @@ class Outcome:
         return {"path": self.path, "action": self.action, "genres": list(self.genres), "before": list(self.before), "confidence": self.confidence, "reason": self.reason, "below_min_confidence": self.below}
 
 
-def _fold(genres: Iterable[str]) -> tuple[str, ...]:
-    return tuple(g.casefold() for g in genres)
-
-
-@dataclass(frozen=True)
-class WriteOrder:
-    """One genre write, all that the machine making it needs (small, picklable).
-
-    ``seen`` is the file as the scan last looked at it: ``(st_dev, st_ino, st_size,
-    st_mtime_ns)``.
-    """
-
-    path: str
-    genres: tuple[str, ...]
-    marker: tags.Marker | None
-    separator: str
-    seen: tuple[int, int, int, int]
-
-
-@dataclass(frozen=True)
-class Written:
-    """What became of a :class:`WriteOrder`: the file's new size and mtime, or why not."""
-
-    size: int = 0
-    mtime: float = 0.0
-    changed: bool = False  # the file was not the one looked at: nothing was written
-    error: str | None = None  # the one-line reason the write failed
-
-
 @dataclass
 class TagJob:
     """A write decided under the policy, with what recording it takes (see :meth:`Library.begin`)."""
@@ -278,45 +250,6 @@ class TagJob:
     @property
     def path(self) -> str:
         return self.order.path
-
-
-def write_tags(order: WriteOrder) -> Written:
-    """Make ``order``'s write on this machine; a bad file is a :class:`Written`, never a raise.
-
-    Safe to run twice (a task retried after its machine was lost): a file that already
-    holds exactly this write is reported written, not changed. The device number is
-    compared only on the machine that looked at the file: another machine's mount of
-    the same share has its own.
-    """
-    path = order.path
-    dev, ino, size, mtime_ns = order.seen
-    try:
-        now: os.stat_result | None = os.stat(path)
-    except OSError:
-        now = None  # write_genres says why, as it does locally
-    if now is not None:
-        same_file = now.st_ino == ino or now.st_dev != dev
-        if not (same_file and (now.st_size, now.st_mtime_ns) == (size, mtime_ns)):
-            if _holds(order):
-                return Written(now.st_size, now.st_mtime)
-            return Written(changed=True)
-    try:
-        tags.write_genres(path, order.genres, order.marker, separator=order.separator, expect=now)
-    except tags.FileChanged:
-        return Written(changed=True)
-    except tags.TagError as exc:
-        return Written(error=exc.reason)
-    st = os.stat(path)
-    return Written(st.st_size, st.st_mtime)
-
-
-def _holds(order: WriteOrder) -> bool:
-    """Whether the file already holds exactly what ``order`` writes (genres and marker)."""
-    try:
-        state = tags.read_state(order.path, separator=order.separator)
-    except tags.TagError:
-        return False
-    return _fold(state.genres) == _fold(order.genres) and state.marker == order.marker
 
 
 class Library:
@@ -591,7 +524,7 @@ class Library:
         with self.db.session() as s:
             writes = repo.open_writes(s, track_id)
             last = writes[-1] if writes else None
-            if last is not None and last.raw_before == state.raw and _fold(last.genres_after) != _fold(state.genres):
+            if last is not None and last.raw_before == state.raw and fold(last.genres_after) != fold(state.genres):
                 repo.delete_tag_write(s, last.id)
 
     def _ours_only(self, state: tags.GenreState, track_id: int) -> tags.GenreState:
@@ -646,7 +579,7 @@ class Library:
             except OSError as exc:
                 out.append(Outcome(path, "failed", reason=exc.strerror or str(exc)))
                 continue
-            if _fold(state.genres) != _fold(last.genres_after):
+            if fold(state.genres) != fold(last.genres_after):
                 out.append(Outcome(path, "kept", state.genres, reason="genre changed since tagger wrote it; left alone"))
                 continue
             before = tuple(first.genres_before or ())

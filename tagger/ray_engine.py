@@ -11,7 +11,7 @@ that run on the workers are in :mod:`tagger.ray_stages`, which imports little:
   cluster has GPUs), fed the windows of many files per batch. The driver sends the model
   itself through the object store, so only the music has to be on shared storage;
 - tag writes: the driver commits each write-ahead record, then a task on the node that
-  decoded the file makes the write (:func:`tagger.library.write_tags`) and the driver
+  decoded the file makes the write (:func:`tagger.tags.orders.write_tags`) and the driver
   records its result.
 
 Ray does the retries. A decode task or model actor lost with its node runs again on

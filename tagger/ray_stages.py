@@ -2,7 +2,7 @@
 
 Kept apart from :mod:`tagger.ray_engine` (the driver) so that a Ray worker imports only what
 its stage needs: a decode task numpy, the audio decoder and the mel filter bank; the model
-actor ONNX Runtime; a tag writer :mod:`tagger.library` (on its first write). Ray finds these functions and classes by module
+actor ONNX Runtime; a tag writer :mod:`tagger.tags.orders` (on its first write). Ray finds these functions and classes by module
 name, so every worker process that runs one imports this module; importing the driver's
 (the database layer, SQLAlchemy, the tag policies) cost each of them about 0.35 s of CPU,
 taken from the decoding on a small cluster (docs/cluster.md, Speed).
@@ -20,7 +20,7 @@ from . import features
 from .model.infer import decode_file
 
 if TYPE_CHECKING:
-    from .library import WriteOrder, Written
+    from .tags.orders import WriteOrder, Written
 
 #: The one-line reason for a path a node does not have.
 NOT_SEEN = "no such file on node {node} (every node must see the library at the same path)"
@@ -114,8 +114,8 @@ class ModelActor:
 
 
 def write_on_node(order: WriteOrder) -> Written:
-    """:func:`tagger.library.write_tags` on this node, naming the node when it lacks the file."""
-    from .library import Written, write_tags  # in the writers only
+    """:func:`tagger.tags.orders.write_tags` on this node, naming the node when it lacks the file."""
+    from .tags.orders import Written, write_tags  # in the writers only: the tag handlers, no database layer
 
     if not os.path.lexists(order.path):
         return Written(error=NOT_SEEN.format(node=_node_name()))

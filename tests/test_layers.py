@@ -146,3 +146,34 @@ def test_scan_and_serve_never_reach_training_code() -> None:
                 seen.add(m)
                 todo.extend(graph[m])
         assert not seen & training, (top, sorted(seen & training))
+
+
+def test_a_nodes_tag_writer_makes_its_write_without_the_database_layer(synth_audio, tmp_path: Path) -> None:
+    """A Ray worker node's writer imports the tag handlers, not SQLAlchemy or the library.
+
+    Run in a fresh interpreter, as a writer process is: it makes a real write, which is
+    read back here, and lists which of the driver's modules it had to import.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    from tagger import tags
+
+    f = tmp_path / "song.flac"
+    shutil.copy(synth_audio(seconds=6.0, suffix=".flac"), f)
+    code = (
+        "import os, sys\n"
+        "from tagger import tags\n"
+        "from tagger.ray_stages import Writer\n"
+        "from tagger.tags.orders import WriteOrder\n"
+        f"p = {str(f)!r}\n"
+        "st = os.stat(p)\n"
+        "order = WriteOrder(p, ('Jazz',), tags.Marker(('Jazz',), 'm', 0.9), '; ', (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))\n"
+        "w = Writer().write(order)\n"
+        "assert w.error is None and not w.changed, w\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sqlalchemy', 'alembic') or m in ('tagger.library', 'tagger.store')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip() == "[]"
+    assert tags.read_state(str(f)).genres == ("Jazz",)
