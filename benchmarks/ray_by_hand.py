@@ -14,7 +14,8 @@ as in ``scan_ray.py``.
 For each scan it also prints where the machine's CPU time went while it ran (every
 process's user + system time, sampled from /proc every 0.2 s and grouped by process title:
 the scan itself, Ray's decode workers, the model actor, Ray Data's own actors, the cluster's
-daemons), and the idle CPU time: on a 2-core machine every extra CPU second is wall time.
+daemons, each with how many of its processes ran), and the idle CPU time: on a 2-core
+machine every extra CPU second is wall time.
 The genres each scan records are compared with the local scan's. Prints figures; nothing is
 asserted. Linux only. Run it with nothing else loading the machine.
 """
@@ -96,13 +97,16 @@ class CpuSampler(threading.Thread):
         self._done.set()
         self.join()
 
-    def used(self, scan_pid: int) -> Counter[str]:
+    def used(self, scan_pid: int) -> tuple[Counter[str], Counter[str]]:
+        """CPU seconds by process group, and how many processes of each group used any."""
         used: Counter[str] = Counter()
+        procs: Counter[str] = Counter()
         for pid, (cmd, cpu) in self.last.items():
             before = self.first.get(pid, (cmd, 0.0))[1]
             if cpu - before > 0:
                 used[_group(cmd, scan_pid, pid)] += cpu - before
-        return used
+                procs[_group(cmd, scan_pid, pid)] += 1
+        return used, procs
 
 
 def _idle() -> float:
@@ -111,8 +115,8 @@ def _idle() -> float:
     return (int(fields[4]) + int(fields[5])) / TICK
 
 
-def timed_scan(cfg: Path, lib: Path, *extra: str) -> tuple[float, Counter[str], float, int]:
-    """(wall s, CPU s by process group, idle CPU s of the machine, exit status)."""
+def timed_scan(cfg: Path, lib: Path, *extra: str) -> tuple[float, tuple[Counter[str], Counter[str]], float, int]:
+    """(wall s, (CPU s, processes) by process group, idle CPU s of the machine, exit status)."""
     sampler = CpuSampler()
     sampler.start()
     idle = _idle()
@@ -179,7 +183,8 @@ def main() -> None:
             got = recorded(cfg, lib)
             same = sum(got.get(k) == v for k, v in want.items())
             print(f"  {name:17} {wall:6.1f} s  x local {wall / local[3]:.2f}  exit {code}  recorded {len(got)}  same status and top genre as local {same}/{len(want)}")
-            print(f"      CPU {sum(used.values()):5.1f} s, idle {idle:4.1f} s: " + ", ".join(f"{k} {v:.1f}" for k, v in used.most_common() if v >= 0.05))
+            cpu, procs = used
+            print(f"      CPU {sum(cpu.values()):5.1f} s, idle {idle:4.1f} s: " + ", ".join(f"{k} {v:.1f} ({procs[k]} proc.)" for k, v in cpu.most_common() if v >= 0.05))
 
 
 if __name__ == "__main__":
