@@ -2,7 +2,8 @@
 
 Apart from :mod:`tagger.library` (which decides the writes and records them) so that a
 machine that only writes, a Ray worker node's writer, imports the tag handlers and
-nothing of the database layer (SQLAlchemy: about 0.3 s of CPU and 20 MB a process).
+nothing of the database layer (SQLAlchemy): the writer's CPU in a scan fell by about half
+(``benchmarks/ray_by_hand.py``, docs/cluster.md).
 """
 
 from __future__ import annotations
