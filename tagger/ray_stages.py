@@ -115,7 +115,7 @@ class ModelActor:
 
 def write_on_node(order: WriteOrder) -> Written:
     """:func:`tagger.tags.orders.write_tags` on this node, naming the node when it lacks the file."""
-    from .tags.orders import Written, write_tags  # in the writers only: the tag handlers, no database layer
+    from .tags.orders import Written, write_tags  # the tag handlers only, no database layer
 
     if not os.path.lexists(order.path):
         return Written(error=NOT_SEEN.format(node=_node_name()))
