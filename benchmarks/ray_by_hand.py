@@ -104,8 +104,9 @@ class CpuSampler(threading.Thread):
         for pid, (cmd, cpu) in self.last.items():
             before = self.first.get(pid, (cmd, 0.0))[1]
             if cpu - before > 0:
-                used[_group(cmd, scan_pid, pid)] += cpu - before
-                procs[_group(cmd, scan_pid, pid)] += 1
+                group = _group(cmd, scan_pid, pid)
+                used[group] += cpu - before
+                procs[group] += 1
         return used, procs
 
 
