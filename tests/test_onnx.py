@@ -186,6 +186,7 @@ def test_export_pools_the_front_end_first_with_the_same_result():
     assert _pool_before_affine(shared.graph) == 0
     assert [n.op_type for n in shared.graph.node] == ["Conv", "Relu", "Mul", "Add", "ReduceMax"]
 
+
 def test_retrained_bundle_is_refused_until_exported_again(tiny_bundle, tmp_path):
     needs_keras()
     bundle = tmp_path / "retrained"

@@ -61,7 +61,7 @@ def write_tags(order: WriteOrder) -> Written:
     if now is not None:
         same_file = now.st_ino == ino or now.st_dev != dev
         if not (same_file and (now.st_size, now.st_mtime_ns) == (size, mtime_ns)):
-            if holds(order):
+            if _holds(order):
                 return Written(now.st_size, now.st_mtime)
             return Written(changed=True)
     try:
@@ -74,7 +74,7 @@ def write_tags(order: WriteOrder) -> Written:
     return Written(st.st_size, st.st_mtime)
 
 
-def holds(order: WriteOrder) -> bool:
+def _holds(order: WriteOrder) -> bool:
     """Whether the file already holds exactly what ``order`` writes (genres and marker)."""
     try:
         state = tags.read_state(order.path, separator=order.separator)
@@ -83,4 +83,4 @@ def holds(order: WriteOrder) -> bool:
     return fold(state.genres) == fold(order.genres) and state.marker == order.marker
 
 
-__all__ = ["WriteOrder", "Written", "fold", "holds", "write_tags"]
+__all__ = ["WriteOrder", "Written", "fold", "write_tags"]
