@@ -151,8 +151,8 @@ def _pool_before_affine(graph) -> int:
     ``-max(-z)``, where ``-z`` is the same conv with its weights and bias negated. So the conv
     gets the signs ``s`` of ``a`` folded in, is pooled at once, and ``a*relu(s*max) + b`` runs
     on a tensor 30 to 96 times smaller (the width pooled). Negation and monotonic functions
-    round exactly, so the outputs are the same to the bit (tests/test_onnx.py), with ~22 %
-    less CPU a window (docs/model.md). Only chains whose intermediate tensors nothing else reads, with
+    round exactly, so the outputs are the same to the bit (tests/test_onnx.py); the model ran
+    9.0 windows/s against 7.1 (docs/model.md). Only chains whose intermediate tensors nothing else reads, with
     constant weights, a ``(1, C, 1, 1)`` scale and shift, and axes as an attribute (opset
     < 18) are rewritten. Returns how many.
     """
