@@ -175,7 +175,7 @@ class TaggerPlugin(BeetsPlugin):
                     self._log.warning("no genre for {}: none of the model's genres ({} {:.2f})", item, best, p)
                 else:
                     counts["low-confidence"] += 1
-                    self._log.warning("no genre for {}: low confidence ({} {:.2f} < {:.2f})", item, opts.display(best), p, opts.min_confidence)
+                    self._log.warning("no genre for {}: low confidence ({} {})", item, opts.display(best), opts.shortfall(p))
                 continue
             genres = [opts.display(g) for g in labels]
             shown = types.MULTI_VALUE_DSV.format(genres)

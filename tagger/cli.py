@@ -577,10 +577,22 @@ def restore(ctx: Context, paths, all_tracks, dry_run) -> None:
     sys.exit(EXIT_FAILURES if failed else EXIT_OK)
 
 
+def _track_status(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A status the database knows (checked here, not by click.Choice: the list lives with the
+    database layer, which ``tagger --help`` does not load)."""
+    if value is None:
+        return None
+    from .store import TRACK_STATUSES
+
+    if value.lower() not in TRACK_STATUSES:
+        raise click.BadParameter(f"{value!r} is not a track status (one of {', '.join(TRACK_STATUSES)})")
+    return value.lower()
+
+
 @main.command()
 @click.option("--genre", help="Top genre (model label or written name, case-insensitive).")
 @click.option("--min-confidence", type=float, default=None)
-@click.option("--status", help="Track status: pending, classified, tagged, kept, failed, removed, missing.")
+@click.option("--status", callback=_track_status, help="Track status: pending, classified, tagged, kept, untagged, failed, removed, missing.")
 @click.option("--path", "path_glob", help="Glob on the path, e.g. '*/Jazz/*'.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 @click.option("--limit", type=int, default=None)

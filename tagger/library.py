@@ -187,6 +187,17 @@ class Options:
                 setattr(opts, k, v)
         return opts
 
+    def shortfall(self, p: float) -> str:
+        """``"0.597 < 0.6"``: a probability below ``min_confidence`` as people read it, with
+        as many decimals as it takes (two at least) for the two not to look equal or
+        reversed, as 0.60 < 0.60 or 0.36 < 1.00 (for 0.999) would."""
+        t = self.min_confidence
+        for digits in range(2, 7):
+            shown_p, shown_t = f"{p:.{digits}f}", f"{t:.{digits}f}"
+            if float(shown_p) < float(shown_t) and float(shown_t) == round(t, 6):
+                return f"{shown_p} < {shown_t}"
+        return f"{p:.7g} < {t:g}"
+
     def choose(self, probabilities: Mapping[str, float]) -> tuple[list[str], float, int]:
         """The labels to write: the top ``top_k`` at or above ``min_confidence``.
 
@@ -328,7 +339,7 @@ class Library:
             runner = max(((g, q) for g, q in probabilities.items() if g != NONE_LABEL), key=lambda kv: kv[1], default=None)
             also = f"; closest {runner[0]} {runner[1]:.2f}" if runner else ""
             return "no-genre", f"none of the model's genres ({NONE_LABEL} {p:.2f}{also})"
-        return "low-confidence", f"low confidence: {best} {p:.2f} < {self.options.min_confidence:.2f}"
+        return "low-confidence", f"low confidence: {best} {self.options.shortfall(p)}"
 
     def display(self, label: str) -> str:
         return self.options.display(label)
@@ -446,7 +457,17 @@ class Library:
 
         if not genres:
             action, why = self.why_untagged(probabilities)
-            self._settle(path, TRACK_UNTAGGED, why, settled=settings)
+            # Nothing is written, nor taken out: a genre tagger wrote earlier (another model,
+            # a lower min_confidence) stays until `tagger restore`, and the status says so.
+            try:
+                state = self._ours_only(tags.read_state(path, separator=opts.separator), track_id)
+            except tags.TagError:
+                state = None
+            if state is not None and state.ours:
+                why += f"; the file keeps tagger's earlier genre {', '.join(state.added)} (tagger restore takes it out)"
+            status = TRACK_TAGGED if state is not None and state.ours else TRACK_UNTAGGED
+            # A dry run records the reason but leaves the settings unsettled, as for a write.
+            self._settle(path, status, why, settled=None if opts.dry_run else settings)
             return Outcome(path, action, confidence=top, reason=why)
         try:
             state = self._ours_only(tags.read_state(path, separator=opts.separator), track_id)

@@ -245,6 +245,39 @@ def test_low_confidence_is_recorded_with_its_reason(shared_audio, tmp_path):
     assert track["status"] == "untagged" and track["last_error"]
 
 
+def test_a_stricter_min_confidence_leaves_tagger_s_earlier_genre_and_says_so(shared_audio, tmp_path):
+    """A file tagger tagged, rescanned where the model now abstains: nothing written or taken
+    out, the status stays ``tagged`` (what the file holds) with the reason; a dry run first
+    changes neither the status nor the settings the next real scan applies."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    song = lib / "blues.flac"
+    shutil.copy(shared_audio / "blues" / "blues.00002.flac", song)
+    (f,), db, cfg = _scan(tmp_path, lib, "[model]\nworkers = 1\n[tags]\nmin_confidence = 0.0\n")
+    assert f["action"] == "tagged", f
+    tagged = helpers.exact_tags(song)
+    status = "SELECT status, last_error, tag_settings FROM tracks"
+    (settled,) = helpers.rows(db, status)
+    assert settled["status"] == "tagged" and settled["tag_settings"]
+
+    dry = _tagger(cfg, "scan", "--json", "--dry-run", "--min-confidence", "0.999", str(lib))
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    (d,) = json.loads(dry.stdout)["files"]
+    assert d["action"] in ("low-confidence", "no-genre") and "keeps tagger's earlier genre" in d["reason"], d
+    (row,) = helpers.rows(db, status)
+    assert row["status"] == "tagged" and row["tag_settings"] is None  # unsettled: the real scan applies it
+    assert helpers.exact_tags(song) == tagged
+
+    real = _tagger(cfg, "scan", "--json", "--min-confidence", "0.999", str(lib))
+    assert real.returncode == 0, real.stderr[-2000:]
+    (r,) = json.loads(real.stdout)["files"]
+    assert r["action"] in ("low-confidence", "no-genre"), r
+    assert helpers.exact_tags(song) == tagged  # nothing written, nothing taken out
+    (row,) = helpers.rows(db, status)
+    assert row["status"] == "tagged" and "keeps tagger's earlier genre" in row["last_error"]
+    assert row["tag_settings"] and row["tag_settings"] != settled["tag_settings"]
+
+
 def test_shipped_model_has_the_larger_vocabulary_and_calibration():
     from tagger.model.bundle import load_bundle
 
@@ -292,3 +325,13 @@ def test_fine_tuned_tops_in_the_shipped_graph_equal_the_recipe():
     z = fitted.logits(f, interleave(mean, mx))
     assert Bridge.patch_indices(patches) == [2, 7]
     np.testing.assert_allclose(genre, partial.softmax(z), atol=2e-4)
+
+
+def test_a_shortfall_never_reads_as_equal_or_reversed():
+    """The reason recorded for a low-confidence track shows the probability below the threshold."""
+    from tagger.library import Options
+
+    assert Options(min_confidence=0.6).shortfall(0.41) == "0.41 < 0.60"
+    assert Options(min_confidence=0.6).shortfall(0.597) == "0.597 < 0.600"  # not 0.60 < 0.60
+    assert Options(min_confidence=0.999).shortfall(0.36) == "0.360 < 0.999"  # not 0.36 < 1.00
+    assert Options(min_confidence=0.6).shortfall(0.5999999) == "0.5999999 < 0.6"
