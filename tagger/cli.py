@@ -407,7 +407,7 @@ def evaluate(ctx: Context, data, model_path, split, as_json, plot, max_windows) 
     if plot:
         plot_confusion(report, plot)
         stem = Path(plot)
-        scoring.plot_curve(rows, stem.with_name(stem.stem + ".precision.png"), floor, title=f"{bundle.name} on {Path(data).name} ({report.n} clips)")
+        scoring.plot_curve(rows, stem.with_name(stem.stem + ".precision.png"), {"min_confidence": floor}, title=f"{bundle.name} on {Path(data).name} ({report.n} clips)")
     if as_json:
         out = report.to_json()
         out["model"] = {"name": bundle.name, "sha256": bundle.sha256}

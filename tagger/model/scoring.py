@@ -9,7 +9,7 @@ figures a threshold buys: ``right`` and ``wrong`` as shares of all tracks,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -72,8 +72,11 @@ def by_group(probs: np.ndarray, labels: Sequence[str], allowed: Sequence[frozens
     return out
 
 
-def plot_curve(rows: Sequence[dict], path, chosen: float | None = None, title: str = "") -> None:
-    """Precision and right/wrong shares against ``min_confidence`` (``tagger evaluate --plot``)."""
+def plot_curve(rows: Sequence[dict], path, marks: Mapping[str, float] | None = None, title: str = "") -> None:
+    """Precision and right/wrong shares against ``min_confidence`` (``tagger evaluate --plot``).
+
+    ``marks``: vertical lines, each with what it is (``{"min_confidence in the config": 0.6}``):
+    the legend names them, so a training run's suggestion is not read as the default."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,8 +88,8 @@ def plot_curve(rows: Sequence[dict], path, chosen: float | None = None, title: s
     ax.plot(t, [r["right"] for r in rows], "s-", label="right (share of all tracks)")
     ax.plot(t, [r["wrong"] for r in rows], "^-", label="wrong (share of all tracks)")
     ax.plot(t, [r["nothing"] for r in rows], "x--", label="nothing written")
-    if chosen is not None:
-        ax.axvline(chosen, color="grey", ls=":", label=f"default min_confidence {chosen:.2f}")
+    for (what, at), style in zip((marks or {}).items(), (":", "-."), strict=False):
+        ax.axvline(at, color="grey", ls=style, label=f"{what} {at:.2f}")
     ax.set_xlabel("min_confidence")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)

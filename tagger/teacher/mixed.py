@@ -349,7 +349,7 @@ def run_mixed_training(
         plot_confusion(report, Path(out_dir) / "confusion.png", title=f"valid accuracy {report.accuracy:.1%} (n={report.n})")
     if "real_music" in metrics.get("cv", {}):
         rm = metrics["cv"]["real_music"]
-        scoring.plot_curve(rm["curve"], Path(out_dir) / "precision.png", rm["min_confidence"], title=f"held-out real music ({rm['tracks']} tracks, {cv}-fold by artist)")
+        scoring.plot_curve(rm["curve"], Path(out_dir) / "precision.png", {"suggested by this training run": rm["min_confidence"]}, title=f"held-out real music ({rm['tracks']} tracks, {cv}-fold by artist)")
     seconds = time.time() - t0
     training = {
         "data": {**data_summary, "labelled": {"windows": len(labelled), "with_a_label": int(keep[len(train.x):].sum()), "groups": len(set(labelled.groups))}},
