@@ -102,9 +102,17 @@ def walk(
     include, exclude = tuple(include), tuple(exclude)
     match_all = include == ("*",) and not exclude  # the default: no pattern work per file
     seen_dirs: set[tuple[int, int]] = set()
+    roots = [Path(r).expanduser().absolute() for r in roots]
+    # A file named on its own is yielded once, as itself, also when a folder given beside
+    # it holds it (``scan ~/Music ~/Music/a.mp3``): twice, its second decision would find
+    # the file just written and take it for a change made by someone else.
+    named = {str(r) for r in roots if r.is_file()}
+    done: set[str] = set()
     for root in roots:
-        root = Path(root).expanduser().absolute()
+        if str(root) in done:
+            continue
         if root.is_file():
+            done.add(str(root))
             try:
                 st = root.stat()
             except OSError as exc:
@@ -148,7 +156,7 @@ def walk(
                     if on_error:
                         on_error(e.path, exc.strerror or str(exc))
                     continue
-                if not statmod.S_ISREG(st.st_mode):
+                if not statmod.S_ISREG(st.st_mode) or e.path in named:
                     continue
                 if not match_all:
                     rel = e.path[len(prefix) :]  # every folder walked lies under root (joined, never resolved)
@@ -351,6 +359,11 @@ class Library:
         instead of made (see :meth:`_tag`); everything else happens as without it.
         """
         path = result.path
+        if not result.ok and result.retry:
+            with self.db.session() as s:
+                repo.upsert_track(s, path, size=seen.size, mtime=seen.mtime, status=TRACK_PENDING)
+                repo.set_status(s, path, TRACK_PENDING, error=result.error)
+            return Outcome(path, "failed", reason=result.error or "")
         if not result.ok:
             with self.db.session() as s:
                 # The size and mtime that failed, so an unchanged broken file is not retried

@@ -22,6 +22,7 @@ is tagged once. A path a node cannot see is a per-file error that names the node
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import ipaddress
 import logging
@@ -134,6 +135,8 @@ class RayEngine:
         """Join the cluster (started with ``ray start`` or KubeRay); a one-line error if none."""
         if self._connected:
             return
+        if self.address.startswith("ray://"):
+            raise RayEngineError(f"{self.address}: Ray Client addresses are not supported; run tagger scan on a node of the cluster (docs/cluster.md)")
         target = self.address if self.address != "auto" else _recorded_address()
         if target is not None:
             host, _, port = target.rpartition(":")
@@ -157,7 +160,7 @@ class RayEngine:
         self._stdout.__enter__()
         try:
             ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING, namespace="tagger")
-        except (ConnectionError, RuntimeError, ValueError) as exc:
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:  # RayError: e.g. a token the cluster refuses
             self._restore_stdout()
             raise RayEngineError(f"no Ray cluster at {self.address}: {_one_line(exc)} (start one with `ray start --head`)") from None
         self._connected = True
@@ -197,20 +200,14 @@ class RayEngine:
         gpus = int(res.get("GPU", 0))
         alive = [n for n in ray.nodes() if n.get("Alive")]
         cpus = int(res.get("CPU", 0))
-        # A CPU model actor runs MODEL_THREADS ONNX Runtime threads and reserves as many CPUs,
-        # or fewer: it leaves every node at least one CPU for decoding: an actor that took a whole node
-        # would starve the decode tasks on a one-node cluster, or on the node left when the
-        # others are lost (the scan would wait forever).
-        node_cpus = [float(n.get("Resources", {}).get("CPU", 0)) for n in alive] or [1.0]
-        threads = max(1, min(MODEL_THREADS, int(max(node_cpus))))
-        reserve = max(0.5, min(float(threads), min(node_cpus) - 1))
+        threads, reserve, decode_cpus = _shares([float(n.get("Resources", {}).get("CPU", 0)) for n in alive], gpus > 0)
         ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, math.ceil(len(paths) / FILES_PER_TASK)))
         # A decode task reserves the memory it may take, so that a node runs no more of
         # them than it holds; the model actors reserve none, which also keeps Ray Data from
         # fusing decoding into the actors (decoding stays in CPU tasks on every node).
         # A lost task runs again elsewhere, a lost actor starts again
         # elsewhere and its batches run again: Ray Data's defaults.
-        ds = ds.map(decode_row, fn_kwargs={"max_windows": self.max_windows}, num_cpus=1, memory=DECODE_MEMORY)
+        ds = ds.map(decode_row, fn_kwargs={"max_windows": self.max_windows}, num_cpus=decode_cpus, memory=DECODE_MEMORY)
         # At most 16 files a model batch: the model starts while decoding goes on, and the
         # last batch, which the scan waits for alone, stays short (docs/cluster.md).
         files_per_batch = max(1, min(16, self.batch_size // max(1, self.max_windows)))
@@ -219,7 +216,12 @@ class RayEngine:
         # the model is what the scan waits for, up to every CPU but one actor's worth (kept
         # for decoding); ``[ray] model_actors`` fixes it.
         if self.model_actors > 0:
-            pool = ray.data.ActorPoolStrategy(size=self.model_actors)
+            # No more than the cluster can place beside one decode task: more would wait for
+            # CPUs (or GPUs) that never come, and the scan with them.
+            fits = gpus if gpus else max(1, int((cpus - decode_cpus) // reserve))
+            if self.model_actors > fits:
+                log.warning("[ray] model_actors = %d: this cluster holds %d beside its decoding; starting %d", self.model_actors, fits, fits)
+            pool = ray.data.ActorPoolStrategy(size=min(self.model_actors, fits))
         else:
             pool = ray.data.ActorPoolStrategy(min_size=1, max_size=gpus or max(1, int(cpus // threads) - 1))
         return ds.map_batches(
@@ -247,7 +249,11 @@ class RayEngine:
         head = bundle if isinstance(bundle, HeadBundle) else None
         labels = list(base.labels)
         onnx = (base.path / "model.onnx").read_bytes()
-        model_ref = ray.put(onnx)
+        failures = _cluster_failures()
+        try:
+            model_ref = ray.put(onnx)
+        except failures as exc:
+            raise RayEngineError(f"the Ray cluster could not run the scan: {_one_line(exc)}") from None
         cpu_chunk = base.meta.get("runtime", {}).get("cpu_chunk")
         # One writer per other node that decodes, made when its first write comes. A writer lost
         # with its node starts again elsewhere and its writes run again (they are idempotent).
@@ -279,8 +285,8 @@ class RayEngine:
         try:
             for start in range(0, len(files), SLICE):
                 paths = [f.path for f in files[start : start + SLICE]]
-                ds = self._dataset(paths, model_ref, cpu_chunk)
                 try:
+                    ds = self._dataset(paths, model_ref, cpu_chunk)
                     rows = ds.iter_rows()
                     for row in rows:
                         result = _classification(row, labels, head)
@@ -289,15 +295,20 @@ class RayEngine:
                         out = library.apply(result, by_path[result.path], defer=str(row["node"]) != here)
                         if isinstance(out, TagJob):
                             node = str(row["node"])
-                            ref = writer(node).write.remote(out.order)
+                            ref = writer(node).write.remote(dataclasses.replace(out.order, remote=True))
                             pending[ref] = out
                         else:
                             yield out
                         yield from settle(block=len(pending) >= WRITES_IN_FLIGHT)
-                except ray.exceptions.RayError as exc:
+                except failures as exc:
+                    # A lost cluster, or Ray Data's own guard: no progress for
+                    # execution_no_progress_timeout_s (by default 30 minutes).
                     raise RayEngineError(f"the Ray cluster could not run the scan: {_one_line(exc)}") from None
-            while pending:
-                yield from settle(block=True)
+            try:
+                while pending:
+                    yield from settle(block=True)
+            except failures as exc:
+                raise RayEngineError(f"the Ray cluster could not finish the tag writes: {_one_line(exc)}") from None
         finally:
             # Interrupted or failed: the writes already made are still recorded (a few seconds).
             if pending:
@@ -314,12 +325,39 @@ class RayEngine:
                     ray.kill(handle)
 
 
+def _cluster_failures() -> tuple[type[BaseException], ...]:
+    """What Ray and Ray Data raise when the cluster cannot go on: Ray's errors, and Ray Data's
+    own, which are not Ray's (a stalled execution, an internal failure)."""
+    import ray
+    from ray.data.exceptions import ExecutionTimeoutError, SystemException
+
+    return (ray.exceptions.RayError, ExecutionTimeoutError, SystemException)
+
+
+def _shares(node_cpus: Sequence[float], gpus: bool) -> tuple[int, float, float]:
+    """(ONNX Runtime threads of a model actor, the CPUs it reserves, the CPUs a decode task reserves).
+
+    A CPU model actor runs MODEL_THREADS threads and reserves as many CPUs, or fewer: on the
+    smallest node with CPUs it always leaves room for a decode task beside it. An actor that
+    left none would starve decoding on a one-node cluster, or on the node left when the
+    others are lost, and the scan would wait. So on a node of one CPU the two take half
+    each. Nodes without CPUs (a head started with ``--num-cpus 0``) run neither.
+    """
+    with_cpus = [c for c in node_cpus if c > 0] or [1.0]
+    smallest = min(with_cpus)
+    if gpus:  # the model actors take a GPU each and no CPU
+        return 1, 0.0, min(1.0, smallest)
+    threads = max(1, min(MODEL_THREADS, int(max(with_cpus))))
+    reserve = min(float(threads), smallest - 1) if smallest >= 1.5 else smallest / 2
+    return threads, reserve, min(1.0, smallest - reserve)
+
+
 def _classification(row: dict[str, Any], labels: list[str], head: HeadBundle | None) -> Classification:
     """A row from the model stage as the :class:`Classification` a local scan would have."""
     path = str(row["path"])
     error = str(row["error"] or "")
     if error:
-        return Classification(path, error=error)
+        return Classification(path, error=error, retry=bool(row.get("unseen")))
     probs = np.asarray(row["probs"], dtype=np.float32)
     emb = np.asarray(row["embedding"], dtype=np.float32)
     n = int(row["n"])

@@ -48,9 +48,9 @@ def decode_row(row: dict[str, Any], max_windows: int) -> dict[str, Any]:
 
     path = str(row["path"])
     node = ray.get_runtime_context().get_node_id()
-    out: dict[str, Any] = {"path": path, "node": node, "windows": b"", "n": 0, "duration": 0.0, "codec": "", "error": ""}
+    out: dict[str, Any] = {"path": path, "node": node, "windows": b"", "n": 0, "duration": 0.0, "codec": "", "error": "", "unseen": False}
     if not os.path.lexists(path):
-        out["error"] = NOT_SEEN.format(node=_node_name())
+        out.update(error=NOT_SEEN.format(node=_node_name()), unseen=True)
         return out
     d = decode_file(path, max_windows)
     if d.error is not None or d.windows is None:
@@ -108,6 +108,7 @@ class ModelActor:
             "duration": batch["duration"],
             "codec": batch["codec"],
             "error": batch["error"],
+            "unseen": batch["unseen"],
             "probs": probs,
             "embedding": embs,
         }

@@ -145,6 +145,12 @@ def run_scan(ctx, paths, *, dry_run: bool, force: bool, policy, top_k, min_confi
         retag += [f for f in stored if f not in retagged]
         counts["unchanged"] += unchanged - len(retag)
         _mark_vanished(library, roots, known, {f.path for f in files}, walk_errors)
+        if cluster is not None and (todo or retag):
+            # Before any tag is written (the settings applied from stored predictions too):
+            # no cluster is one line and exit 2 with nothing done. And before the progress
+            # display, which wraps stdout: the engine's own redirect of it is then undone
+            # last, and the summary goes to the real stdout.
+            cluster.connect()
         reporter = Reporter(len(todo) + len(retag), quiet=as_json)
         for f in retag:
             outcome = library.reapply(f)

@@ -109,7 +109,9 @@ def _genre_tag(path: Path) -> list[str]:
 
 
 def test_one_node_cluster(mp3s: list[Path], tmp_path: Path) -> None:
-    """A cluster of one two-CPU node finishes: the model actor leaves the node a CPU to decode on.
+    """A cluster of one node of one CPU finishes: the model actor leaves room to decode beside
+    it (half a CPU each), and ``[ray] model_actors = 3`` starts only the one that fits. (A node
+    of two CPUs alone is what the lost-worker test below leaves.)
 
     Runs before the module's two-node cluster starts, so that the two never share the cores.
     """
@@ -117,10 +119,12 @@ def test_one_node_cluster(mp3s: list[Path], tmp_path: Path) -> None:
     os.environ.update(LOOPBACK)
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False, "object_store_memory": 200 * 2**20})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False, "object_store_memory": 200 * 2**20})
     try:
         lib = _library(tmp_path / "lib", mp3s[:4], broken=False)
-        s = _scan(_config(tmp_path, tmp_path / "t.db"), "--engine", "ray", "--address", c.address, str(lib), expect=0)
+        cfg = _config(tmp_path, tmp_path / "t.db")
+        cfg.write_text(cfg.read_text() + "\n[ray]\nmodel_actors = 3\n")
+        s = _scan(cfg, "--engine", "ray", "--address", c.address, str(lib), expect=0)
     finally:
         c.shutdown()
         for k, v in saved.items():
@@ -171,6 +175,9 @@ def test_without_ray_or_a_cluster(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines()[-1].startswith(f"tagger: no Ray cluster at 127.0.0.1:{port}")
     assert time.monotonic() - t < 60
     assert _rows(tmp_path / "t.db", "SELECT count(*) FROM tracks") == [(0,)]  # nothing decoded, nothing recorded
+    # A Ray Client address: refused in one line (a driver runs on a node of the cluster)
+    proc = subprocess.run([sys.executable, "-m", "tagger.cli", "--config", str(cfg), "scan", "--engine", "ray", "--address", f"ray://127.0.0.1:{port}", str(lib)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(f"tagger: ray://127.0.0.1:{port}: Ray Client addresses are not supported"), proc.stderr
 
 
 def test_a_node_that_misses_a_file(cluster) -> None:

@@ -690,5 +690,31 @@ def test_file_vanishes_or_changes_during_scan(excerpts: list[Path], tmp_path: Pa
         assert track(moved)["status"] == "failed" and track(moved)["size"] == 900
         assert track(moved)["last_error"] == "cannot decode: invalid data"
         assert lib.changed([seen(moved)], lib.known()) == ([], 1)
+
+        # Not the file's failure but the reader's (a cluster node without the path): reported
+        # as failed, recorded pending with the reason, and taken again by the next scan.
+        unseen = helpers.make_audio(excerpts[0], "flac", tmp_path, name="unseen.flac")
+        error = "no such file on node n2 (every node must see the library at the same path)"
+        out = lib.apply(Classification(str(unseen), error=error, retry=True), seen(unseen))
+        assert (out.action, out.reason) == ("failed", error)
+        assert track(unseen)["status"] == "pending" and track(unseen)["last_error"] == error
+        todo, unchanged = lib.changed([seen(unseen)], lib.known())
+        assert [f.path for f in todo] == [str(unseen)] and unchanged == 0
     finally:
         db.dispose()
+
+
+def test_a_file_named_beside_its_folder_is_walked_once(tmp_path: Path) -> None:
+    """``scan ~/Music ~/Music/a.mp3``, either way round, or a file named twice: one entry each."""
+    from tagger.library import walk
+
+    (tmp_path / "lib" / "sub").mkdir(parents=True)
+    a = tmp_path / "lib" / "a.mp3"
+    b = tmp_path / "lib" / "sub" / "b.flac"
+    for f in (a, b):
+        f.write_bytes(b"\0" * 100)
+    lib = tmp_path / "lib"
+    for roots in ([lib, a], [a, lib], [b, lib, b], [a, a]):
+        paths = [f.path for f in walk(roots)]
+        assert len(paths) == len(set(paths)), (roots, paths)
+        assert set(paths) == ({str(a)} if roots == [a, a] else {str(a), str(b)})

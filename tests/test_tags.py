@@ -10,6 +10,7 @@ bit-identical.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import stat
@@ -482,3 +483,19 @@ def test_marker_round_trip_and_tolerance() -> None:
 def test_marker_must_match_genres(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="marker"):
         write_genres(tmp_path / "x.flac", ["Rock"], Marker(("Jazz",), "m", 0.5))
+
+
+def test_a_remote_write_compares_size_and_mtime_only(source: Path, tmp_path: Path) -> None:
+    """A cluster node's mount numbers a file its own way: its write checks size and mtime; on
+    the machine that looked at the file, device and inode must match too."""
+    from tagger.tags.orders import WriteOrder, write_tags
+
+    song = helpers.make_audio(source, "flac", tmp_path, name="song.flac")
+    st = song.stat()
+    other_numbers = (st.st_dev + 1, st.st_ino + 1, st.st_size, st.st_mtime_ns)
+    here = WriteOrder(str(song), ("Jazz",), tags.Marker(("Jazz",), "m", 0.9), "; ", other_numbers)
+    assert write_tags(here).changed  # here, other numbers are another file
+    assert tags.read_state(song).genres == ()
+    written = write_tags(dataclasses.replace(here, remote=True))
+    assert not written.changed and written.error is None
+    assert tags.read_state(song).genres == ("Jazz",)

@@ -55,6 +55,9 @@ class Classification:
     codec: str | None = None
     error: str | None = None
     embedding: np.ndarray | None = field(default=None, repr=False)
+    #: The error is where it was read, not the file's (a cluster node that does not see the
+    #: path): the file stays pending, for the next scan to take again.
+    retry: bool = False
 
     @property
     def ok(self) -> bool:

@@ -24,7 +24,10 @@ class WriteOrder:
     """One genre write, all that the machine making it needs (small, picklable).
 
     ``seen`` is the file as the scan last looked at it: ``(st_dev, st_ino, st_size,
-    st_mtime_ns)``.
+    st_mtime_ns)``. ``remote``: the write is made on another machine than the one that
+    looked (a cluster node), whose device and inode numbers for the same file may differ,
+    or match by chance (FUSE and SMB mounts number them per mount): only size and mtime
+    are compared there.
     """
 
     path: str
@@ -32,6 +35,7 @@ class WriteOrder:
     marker: tags.Marker | None
     separator: str
     seen: tuple[int, int, int, int]
+    remote: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,9 +52,9 @@ def write_tags(order: WriteOrder) -> Written:
     """Make ``order``'s write on this machine; a bad file is a :class:`Written`, never a raise.
 
     Safe to run twice (a task retried after its machine was lost): a file that already
-    holds exactly this write is reported written, not changed. The device number is
-    compared only on the machine that looked at the file: another machine's mount of
-    the same share has its own.
+    holds exactly this write is reported written, not changed. Device and inode numbers
+    are compared only on the machine that looked at the file (``order.remote`` is false
+    there): another machine's mount of the same share has its own.
     """
     path = order.path
     dev, ino, size, mtime_ns = order.seen
@@ -59,7 +63,7 @@ def write_tags(order: WriteOrder) -> Written:
     except OSError:
         now = None  # write_genres says why, as it does locally
     if now is not None:
-        same_file = now.st_ino == ino or now.st_dev != dev
+        same_file = order.remote or (now.st_dev, now.st_ino) == (dev, ino)
         if not (same_file and (now.st_size, now.st_mtime_ns) == (size, mtime_ns)):
             if _holds(order):
                 return Written(now.st_size, now.st_mtime)
