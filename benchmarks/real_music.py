@@ -46,7 +46,11 @@ def _groups(per: dict) -> str:
 
 
 def first_windows(data, rows, n: int) -> list[int]:
-    """Of ``rows``, the first ``n`` windows of each track (a scan hears at most ``max_windows``)."""
+    """Of ``rows``, the first ``n`` windows of each track (a scan hears at most ``max_windows``).
+
+    The first, not the middle ones a scan of the excerpt would take: the data holds windows,
+    not the audio. For a 30-second preview (one window) the two are the same; for a
+    one-minute Emotify excerpt (two) the scan's middle 30 s would straddle both."""
     seen: dict[str, int] = {}
     out = []
     for i in rows:

@@ -106,7 +106,7 @@ def main(ctx: click.Context, config_file: str | None, verbose: int) -> None:
 @click.option("--labelled-per-batch", type=click.IntRange(1), default=None, help="With --distill and --extra: labelled windows in each batch, the rest unlabelled (default 12 of 32).")
 @click.option("--labelled", "labelled_paths", type=click.Path(exists=True, dir_okay=False), multiple=True, help="With --teacher: more windows (.npz with 'levels' and 'ids') whose source genres are in the .csv beside it (columns id, genres, and optionally artist, source), mapped onto tagger's vocabulary by the label map. Repeatable.")
 @click.option("--label-map", type=click.Path(exists=True, dir_okay=False), default=None, help="With --labelled: a TOML file of source genre = [labels] entries on top of the built-in table (tagger/vocabulary.py).")
-@click.option("--vocabulary", "vocabulary_list", default=None, help="With --labelled: the model's labels, comma-separated (default: DATA's genres plus every mapped label with 20 or more windows, plus 'other').")
+@click.option("--vocabulary", "vocabulary_list", default=None, help="With --labelled: the model's labels, comma-separated (default: DATA's genres plus every mapped label with 20 or more windows, 'other' among them).")
 @click.option("--cv", "cv_folds", type=click.IntRange(0), default=5, show_default=True, help="With --labelled: folds of the artist-grouped cross-validation that calibrates the probabilities and measures the precision curve (0 skips it).")
 @click.option("--l2", type=float, default=None, help="With --labelled: L2 strength of the label-set head (default 0.1).")
 @click.option("--top-weight", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="With --labelled: share of the fine-tuned musicnn tops in the pooled logits (--members of them, default 5, each --epochs, default 30, at --learning-rate, default 3e-4; --members 0: the linear head alone).")
@@ -121,18 +121,30 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
         fail("--extra is used only with --distill")
     if labelled_paths and (not teacher or distill):
         fail("--labelled needs --teacher musicnn (without --distill)")
+    if not labelled_paths and (label_map or vocabulary_list):
+        fail("--label-map and --vocabulary are used only with --labelled")
+    if cv_folds == 1:
+        fail("--cv takes 2 or more folds (0 skips the cross-validation)")
     labelled = table = None
     if labelled_paths:
-        from .teacher.mixed import LabelledError, concat, load_labelled
         from .vocabulary import LabelMapError, load_label_map
 
         try:
-            table = load_label_map(label_map)
+            table = load_label_map(label_map)  # checked before the training stack loads (seconds)
+        except LabelMapError as exc:
+            fail(str(exc))
+        _need_train_extra("training")
+        quiet.load_backend()  # Keras and TensorFlow without their start-up chatter on stderr
+        from .teacher.mixed import LabelledError, concat, load_labelled
+
+        try:
             labelled = concat([load_labelled(p) for p in labelled_paths])
-        except (LabelledError, LabelMapError) as exc:
+        except LabelledError as exc:
             fail(str(exc))
     extra = None
     if extra_paths:
+        _need_train_extra("training")
+        quiet.load_backend()
         from .teacher.distill import load_extra
 
         try:
@@ -383,7 +395,11 @@ def evaluate(ctx: Context, data, model_path, split, as_json, plot, max_windows) 
         data_labels = genre_folders(data)
         unknown = [g for g in data_labels if g not in bundle.labels]
         if unknown:
-            fail(f"{data}: genres the model does not know: {', '.join(unknown)}")
+            from .vocabulary import SOURCE_MAP, key
+
+            # A folder named as sources name the genre (Hip-Hop, R&B): say which label it is.
+            hints = [f"{g} (name the folder {'/'.join(sorted(SOURCE_MAP[key(g)] & set(bundle.labels)))})" if SOURCE_MAP.get(key(g), frozenset()) & set(bundle.labels) else g for g in unknown]
+            fail(f"{data}: genre folders the model has no label for: {', '.join(hints)}; its labels: {', '.join(bundle.labels)}")
         from .dataset import load_dataset
 
         ds = load_dataset(data, ids, labels=data_labels, max_windows=max_windows or cfg.model.max_windows)

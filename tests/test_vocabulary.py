@@ -335,3 +335,17 @@ def test_a_shortfall_never_reads_as_equal_or_reversed():
     assert Options(min_confidence=0.6).shortfall(0.597) == "0.597 < 0.600"  # not 0.60 < 0.60
     assert Options(min_confidence=0.999).shortfall(0.36) == "0.360 < 0.999"  # not 0.36 < 1.00
     assert Options(min_confidence=0.6).shortfall(0.5999999) == "0.5999999 < 0.6"
+
+
+def test_evaluate_names_the_label_for_a_folder_named_as_sources_name_it(tmp_path):
+    """``Hip-Hop/`` is refused in one line that names the folder name to use, and the model's labels."""
+    data = tmp_path / "data"
+    for name in ("Hip-Hop", "jazz", "Polka"):
+        (data / name).mkdir(parents=True)
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[database]\npath = "{tmp_path / "t.db"}"\n')
+    proc = _tagger(cfg, "evaluate", str(data))
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "hip-hop (name the folder hiphop)" in line and "polka" in line and "jazz," not in line.split(";")[0]
+    assert "its labels: blues, classical" in line
