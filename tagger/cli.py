@@ -374,7 +374,7 @@ def _load_ids(data, ids, cache, what, labels=None):
 @click.option("--split", type=click.Path(exists=True, dir_okay=False), help="Evaluate only the <genre>/<id> lines of this file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the confusion matrix as PNG, and the precision/coverage curve over min_confidence beside it (NAME.precision.png).")
-@click.option("--max-windows", type=int, default=None, help="Windows per audio track (default: [model] max_windows).")
+@click.option("--max-windows", type=click.IntRange(1), default=None, help="Windows per audio track (default: [model] max_windows).")
 @pass_ctx
 def evaluate(ctx: Context, data, model_path, split, as_json, plot, max_windows) -> None:
     """Score a model on labelled DATA (PNG layout or <genre>/ audio folders)."""
