@@ -179,6 +179,26 @@ def test_classify_packs_many_files_and_reports_bad_ones(tiny_bundle, synth_audio
                 assert a.probabilities[g] == pytest.approx(b.probabilities[g], abs=1e-5)
 
 
+def test_a_decode_process_killed_costs_no_file(tiny_bundle, synth_audio):
+    """kill -9 of a decode process (as the OOM killer does): a new pool decodes the files in
+    flight again, one at a time, and every file comes back decoded, in order, no traceback."""
+    import os
+    import signal
+
+    from tagger.model.infer import Classifier
+
+    paths = [synth_audio(seconds=s) for s in (6.0, 7.0, 9.0, 11.0, 13.0)]
+    with Classifier(tiny_bundle, workers=1, max_windows=1) as clf:
+        pool = clf._executor()
+        assert pool is not None
+        victim = pool.submit(os.getpid).result()  # the pool's one process
+        os.kill(victim, signal.SIGKILL)
+        out = list(clf.decoded(paths))
+        assert [d.path for d in out] == [str(p) for p in paths]
+        assert all(d.error is None and d.windows is not None for d in out), [d.error for d in out]
+        assert clf._pool is not None and clf._pool is not pool
+
+
 def test_training_from_an_audio_folder_uses_the_feature_cache(tiny_bundle, synth_audio, tmp_path):
     import shutil
 

@@ -197,6 +197,10 @@ def _interrupt_once_recorded(proc: subprocess.Popen, db: Path) -> tuple[str, str
     database's write lock, which parks the scan at its next write (it waits, as
     for any other writer); the signal goes in while it waits, and the lock is let
     go so that the scan can see it. It stops within a file or two.
+
+    The lock is tried every millisecond without SQLite's busy wait (timeout 0): that wait
+    backs off up to 100 ms at a time, and on a fast machine the scan, writing back to back,
+    can finish every file before it gets in.
     """
     holder = None
     try:
@@ -210,15 +214,17 @@ def _interrupt_once_recorded(proc: subprocess.Popen, db: Path) -> tuple[str, str
             try:
                 if holder is None:
                     holder = sqlite3.connect(
-                        f"file:{db}?mode=rw", uri=True, timeout=30, isolation_level=None
+                        f"file:{db}?mode=rw", uri=True, timeout=0, isolation_level=None
                     )
                 sql = "SELECT count(*) FROM tracks WHERE status != 'pending'"
                 if holder.execute(sql).fetchone()[0]:
                     holder.execute("BEGIN IMMEDIATE")
                     break
-            except sqlite3.OperationalError:  # no database or no schema yet
+            except sqlite3.OperationalError:  # no database or schema yet, or the scan is writing
                 pass
-            time.sleep(0.01)
+            time.sleep(0.001)
+        if proc.poll() is not None:
+            raise AssertionError(f"the scan ended before it was interrupted: {proc.stderr.read()}")
         time.sleep(0.5)  # the scan reaches its next write and waits there
         os.killpg(proc.pid, signal.SIGINT)
         time.sleep(0.3)

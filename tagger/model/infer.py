@@ -16,6 +16,7 @@ import signal
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,10 @@ from .bundle import Bundle, load_bundle
 
 DEFAULT_BATCH = 64
 DEFAULT_MAX_WINDOWS = 2
+
+
+#: A file whose decoding killed its process twice (a crash in a native decoder, out of memory).
+DECODER_DIED = "the decoder's process died on this file, twice (a crash in the decoder, or out of memory)"
 
 
 @dataclass
@@ -220,17 +225,57 @@ class Classifier:
         # decoding instead of idling. A window is 50 kB, so this stays near 13 MB
         # (batch 64) however many files there are.
         ahead = max(2 * self.workers, 4, 4 * -(-self.batch_size // max(1, self.max_windows)))
-        pending: deque[Future] = deque()
-        for p in it:
-            pending.append(pool.submit(decode_file, str(p), self.max_windows))
-            if len(pending) >= ahead:
-                break
+        pending: deque[tuple[str, Future]] = deque()
+
+        def fill() -> None:
+            while len(pending) < ahead:
+                p = next(it, None)
+                if p is None:
+                    return
+                pending.append((str(p), self._submit(str(p))))
+
+        fill()
         while pending:
-            fut = pending.popleft()
-            yield fut.result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(pool.submit(decode_file, str(nxt), self.max_windows))
+            path, fut = pending.popleft()
+            try:
+                decoded = fut.result()
+            except BrokenProcessPool:
+                # A decode process died (killed, out of memory, a crash in a native decoder)
+                # and took the pool with it. Every file in flight is decoded again, alone:
+                # the one that kills its process again is the cause, and only it fails.
+                lost = [path] + [q for q, _ in pending]
+                pending.clear()
+                self._drop_pool()
+                for q in lost:
+                    yield self._decode_alone(q)
+            else:
+                yield decoded
+            fill()
+
+    def _submit(self, path: str) -> Future:
+        """``decode_file(path)`` in the pool; a pool already broken gives a future that says so."""
+        pool = self._executor()
+        assert pool is not None
+        try:
+            return pool.submit(decode_file, path, self.max_windows)
+        except BrokenProcessPool as exc:
+            broken: Future = Future()
+            broken.set_exception(exc)
+            return broken
+
+    def _drop_pool(self) -> None:
+        """Forget a broken pool (its processes are gone or going); the next call makes a new one."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def _decode_alone(self, path: str) -> Decoded:
+        """Decode ``path`` with nothing else in flight; a process that dies on it fails it alone."""
+        try:
+            return self._submit(path).result()
+        except BrokenProcessPool:
+            self._drop_pool()
+            return Decoded(path, None, error=DECODER_DIED)
 
     def classify(self, paths: Iterable[str | Path]) -> Iterator[Classification]:
         """Results in input order; windows of many files share each full model batch."""
