@@ -102,17 +102,13 @@ def walk(
     include, exclude = tuple(include), tuple(exclude)
     match_all = include == ("*",) and not exclude  # the default: no pattern work per file
     seen_dirs: set[tuple[int, int]] = set()
-    roots = [Path(r).expanduser().absolute() for r in roots]
-    # A file named on its own is yielded once, as itself, also when a folder given beside
-    # it holds it (``scan ~/Music ~/Music/a.mp3``): twice, its second decision would find
-    # the file just written and take it for a change made by someone else.
+    # Each root once, and a file named on its own yielded once, as itself, also when a
+    # folder given beside it holds it (``scan ~/Music ~/Music/a.mp3``): twice, its second
+    # decision would find the file just written and take it for a change made by someone else.
+    roots = list(dict.fromkeys(Path(r).expanduser().absolute() for r in roots))
     named = {str(r) for r in roots if r.is_file()}
-    done: set[str] = set()
     for root in roots:
-        if str(root) in done:
-            continue
         if root.is_file():
-            done.add(str(root))
             try:
                 st = root.stat()
             except OSError as exc:
@@ -467,26 +463,26 @@ class Library:
         settings = opts.fingerprint()
         labels, top, below = self.choose(probabilities)
         genres = tuple(self.display(g) for g in labels)
+        try:
+            state: tags.GenreState | None = self._ours_only(tags.read_state(path, separator=opts.separator), track_id)
+            unreadable = None
+        except tags.TagError as exc:
+            state, unreadable = None, exc
 
         if not genres:
             action, why = self.why_untagged(probabilities)
             # Nothing is written, nor taken out: a genre tagger wrote earlier (another model,
             # a lower min_confidence) stays until `tagger restore`, and the status says so.
-            try:
-                state = self._ours_only(tags.read_state(path, separator=opts.separator), track_id)
-            except tags.TagError:
-                state = None
             if state is not None and state.ours:
                 why += f"; the file keeps tagger's earlier genre {', '.join(state.added)} (tagger restore takes it out)"
             status = TRACK_TAGGED if state is not None and state.ours else TRACK_UNTAGGED
             # A dry run records the reason but leaves the settings unsettled, as for a write.
             self._settle(path, status, why, settled=None if opts.dry_run else settings)
             return Outcome(path, action, confidence=top, reason=why)
-        try:
-            state = self._ours_only(tags.read_state(path, separator=opts.separator), track_id)
-        except tags.TagError as exc:
-            self._settle(path, TRACK_CLASSIFIED, f"tags unreadable: {exc.reason}")
-            return Outcome(path, "failed", genres, confidence=top, reason=exc.reason, below=below)
+        if state is None:
+            assert unreadable is not None
+            self._settle(path, TRACK_CLASSIFIED, f"tags unreadable: {unreadable.reason}")
+            return Outcome(path, "failed", genres, confidence=top, reason=unreadable.reason, below=below)
         note = _content_note(path, state.kind)
         d = tags.decide(state, genres, opts.policy)
         if d.genres is None:
