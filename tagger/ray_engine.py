@@ -52,6 +52,11 @@ SLICE = 20_000
 #: Files per decode task: small enough to spread a short scan over every CPU and to
 #: lose little when a node goes, large enough that scheduling costs little per file.
 FILES_PER_TASK = 2
+#: Runs of a decode task whose worker process died (a node lost, a decoder's crash) after
+#: the first; then its files are run again one a task, and one that fails again is failed.
+DECODE_RETRIES = 3
+#: The reason recorded for a file whose task failed every run, the last one alone.
+TASK_FAILED = "its task on the Ray cluster failed every time, the last run alone (the worker process died: a crash in the decoder, or out of memory)"
 #: Bytes a decode task reserves (a Ray worker process decoding a track's windows).
 DECODE_MEMORY = 400 * 2**20
 #: Tag writes in flight at once (each a small Ray task).
@@ -169,9 +174,14 @@ class RayEngine:
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False  # tagger's own progress bar counts files
         ctx.print_on_execution_start = False
+        # A block whose task failed every retry is dropped rather than ending the scan; the
+        # driver sees which files did not come back (process), and says why for each.
+        ctx.max_errored_blocks = -1
         for name in ("ray", "ray.data"):
             logging.getLogger(name).setLevel(logging.WARNING)
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+        # Its traceback of each such block: the scan reports the files in one line each.
+        logging.getLogger("ray.data._internal.execution.streaming_executor_state").setLevel(logging.CRITICAL)
 
     def close(self) -> None:
         if self._connected:
@@ -193,7 +203,7 @@ class RayEngine:
         res = ray.cluster_resources()
         return f"{len(nodes)} nodes, {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"
 
-    def _dataset(self, paths: Sequence[str], model_ref: Any, cpu_chunk: int | None):
+    def _dataset(self, paths: Sequence[str], model_ref: Any, cpu_chunk: int | None, per_task: int = FILES_PER_TASK):
         import ray
 
         res = ray.cluster_resources()
@@ -201,13 +211,15 @@ class RayEngine:
         alive = [n for n in ray.nodes() if n.get("Alive")]
         cpus = int(res.get("CPU", 0))
         threads, reserve, decode_cpus = _shares([float(n.get("Resources", {}).get("CPU", 0)) for n in alive], gpus > 0)
-        ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, math.ceil(len(paths) / FILES_PER_TASK)))
+        ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, math.ceil(len(paths) / per_task)))
         # A decode task reserves the memory it may take, so that a node runs no more of
         # them than it holds; the model actors reserve none, which also keeps Ray Data from
         # fusing decoding into the actors (decoding stays in CPU tasks on every node).
         # A lost task runs again elsewhere, a lost actor starts again
         # elsewhere and its batches run again: Ray Data's defaults.
-        ds = ds.map(decode_row, fn_kwargs={"max_windows": self.max_windows}, num_cpus=decode_cpus, memory=DECODE_MEMORY)
+        # A decode task whose process dies is run again DECODE_RETRIES times (Ray Data's
+        # default is forever: a file that crashes its decoder would stall the scan).
+        ds = ds.map(decode_row, fn_kwargs={"max_windows": self.max_windows}, num_cpus=decode_cpus, memory=DECODE_MEMORY, max_retries=DECODE_RETRIES)
         # At most 16 files a model batch: the model starts while decoding goes on, and the
         # last batch, which the scan waits for alone, stays short (docs/cluster.md).
         files_per_batch = max(1, min(16, self.batch_size // max(1, self.max_windows)))
@@ -282,28 +294,46 @@ class RayEngine:
                 else:
                     yield library.finish(job, written)
 
+        def run(todo: list[str], per_task: int) -> Iterator[Outcome | str]:
+            """Outcomes of ``todo``'s files, and the path of each one that came back."""
+            try:
+                for row in self._dataset(todo, model_ref, cpu_chunk, per_task).iter_rows():
+                    result = _classification(row, labels, head)
+                    yield result.path
+                    # A file decoded on the driver's own node is written here, as a
+                    # local scan writes it; the others on the node that decoded them.
+                    out = library.apply(result, by_path[result.path], defer=str(row["node"]) != here)
+                    if isinstance(out, TagJob):
+                        node = str(row["node"])
+                        ref = writer(node).write.remote(dataclasses.replace(out.order, remote=True))
+                        pending[ref] = out
+                    else:
+                        yield out
+                    yield from settle(block=len(pending) >= WRITES_IN_FLIGHT)
+            except failures as exc:
+                # A lost cluster, or Ray Data's own guard: no progress for
+                # execution_no_progress_timeout_s (by default 30 minutes).
+                raise RayEngineError(f"the Ray cluster could not run the scan: {_one_line(exc)}") from None
+
         try:
             for start in range(0, len(files), SLICE):
-                paths = [f.path for f in files[start : start + SLICE]]
-                try:
-                    ds = self._dataset(paths, model_ref, cpu_chunk)
-                    rows = ds.iter_rows()
-                    for row in rows:
-                        result = _classification(row, labels, head)
-                        # A file decoded on the driver's own node is written here, as a
-                        # local scan writes it; the others on the node that decoded them.
-                        out = library.apply(result, by_path[result.path], defer=str(row["node"]) != here)
-                        if isinstance(out, TagJob):
-                            node = str(row["node"])
-                            ref = writer(node).write.remote(dataclasses.replace(out.order, remote=True))
-                            pending[ref] = out
+                todo = [f.path for f in files[start : start + SLICE]]
+                # A task that failed every retry (its worker process died each time: a
+                # decoder's crash, the node out of memory) loses its files from the
+                # stream, not the scan; they run again one a task, so that only the
+                # file that kills its process again is lost.
+                for per_task in (FILES_PER_TASK, 1):
+                    done: set[str] = set()
+                    for item in run(todo, per_task):
+                        if isinstance(item, str):
+                            done.add(item)
                         else:
-                            yield out
-                        yield from settle(block=len(pending) >= WRITES_IN_FLIGHT)
-                except failures as exc:
-                    # A lost cluster, or Ray Data's own guard: no progress for
-                    # execution_no_progress_timeout_s (by default 30 minutes).
-                    raise RayEngineError(f"the Ray cluster could not run the scan: {_one_line(exc)}") from None
+                            yield item
+                    todo = [p for p in todo if p not in done]
+                    if not todo:
+                        break
+                for path in todo:
+                    yield library.apply(Classification(path, error=TASK_FAILED), by_path[path])
             try:
                 while pending:
                     yield from settle(block=True)

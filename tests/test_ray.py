@@ -13,9 +13,11 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -192,6 +194,59 @@ def test_a_node_that_misses_a_file(cluster) -> None:
     finally:
         ray.shutdown()
     assert row["n"] == 0 and row["error"].startswith("no such file on node ") and "same path" in row["error"]
+
+
+def _kill_decode_tasks(stop: threading.Event, killed: list[int]) -> None:
+    """SIGKILL every Ray worker process while it runs a decode task (its title says so)."""
+    while not stop.is_set():
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if not f.read().startswith(b"ray::Map(decode_row)"):
+                        continue
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
+            except OSError:
+                pass
+        stop.wait(0.02)
+
+
+def test_a_decode_process_that_keeps_dying(cluster, mp3s: list[Path], tmp_path: Path) -> None:
+    """Decode tasks whose worker process dies every time (a decoder's crash, the OOM killer):
+    the scan does not stall (Ray Data would retry them forever); after its retries, each
+    file is run again alone, then recorded failed with a one-line reason; exit status 1."""
+    lib = _library(tmp_path / "lib", mp3s[:3], broken=False)
+    db = tmp_path / "t.db"
+    cfg = _config(tmp_path, db)
+    stop, killed = threading.Event(), []
+    watcher = threading.Thread(target=_kill_decode_tasks, args=(stop, killed), daemon=True)
+    watcher.start()
+    try:
+        cmd = [sys.executable, "-m", "tagger.cli", "--config", str(cfg), "scan", "--json", "--engine", "ray", "--address", cluster.address, str(lib)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    finally:
+        stop.set()
+        watcher.join()
+    assert proc.returncode == 1, f"{proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # two files a task at first, each run 1 + DECODE_RETRIES times, then each file alone
+    assert len(killed) >= 2 * 4 + 3 * 4
+    summary = json.loads(proc.stdout)
+    assert summary["counts"]["failed"] == 3, summary["counts"]
+    rows = _rows(db, "SELECT status, last_error FROM tracks")
+    assert len(rows) == 3
+    assert {s for s, _ in rows} == {"failed"}
+    assert {e for _, e in rows} == {ray_engine_reason()}
+    for f in mp3s[:3]:
+        assert _genre_tag(lib / f.name) == []
+
+
+def ray_engine_reason() -> str:
+    from tagger import ray_engine
+
+    return ray_engine.TASK_FAILED
 
 
 def test_worker_node_lost_mid_scan(cluster, mp3s: list[Path], tmp_path: Path) -> None:

@@ -499,3 +499,34 @@ def test_a_remote_write_compares_size_and_mtime_only(source: Path, tmp_path: Pat
     written = write_tags(dataclasses.replace(here, remote=True))
     assert not written.changed and written.error is None
     assert tags.read_state(song).genres == ("Jazz",)
+
+
+def test_two_runs_of_one_write_at_once_both_report_it_written(source: Path, tmp_path: Path) -> None:
+    """A Ray write retried while its first run still goes on (a node cut off for a while):
+    the run that finds the file changed under it by the other run's identical write reports
+    it written, not changed, so the driver keeps its record. Raced on 20 fresh files."""
+    import threading
+
+    from tagger.tags.orders import WriteOrder, write_tags
+
+    song = helpers.make_audio(source, "mp3", tmp_path, name="song.mp3")
+    for i in range(20):
+        copy = tmp_path / f"copy{i}.mp3"
+        shutil.copyfile(song, copy)
+        st = copy.stat()
+        order = WriteOrder(str(copy), ("Jazz",), tags.Marker(("Jazz",), "m", 0.9), "; ", (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), remote=True)
+        start = threading.Barrier(2)
+        results: list = []
+
+        def run(order: WriteOrder = order, start: threading.Barrier = start, results: list = results) -> None:
+            start.wait()
+            results.append(write_tags(order))
+
+        threads = [threading.Thread(target=run) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [(r.changed, r.error) for r in results] == [(False, None)] * 2, (i, results)
+        assert tags.read_state(copy).genres == ("Jazz",)
+        assert not list(tmp_path.glob(f".copy{i}.mp3.*"))  # no temporary copy left

@@ -8,6 +8,7 @@ nothing of the database layer (SQLAlchemy): the writer's CPU in a scan fell by a
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -71,6 +72,12 @@ def write_tags(order: WriteOrder) -> Written:
     try:
         tags.write_genres(path, order.genres, order.marker, separator=order.separator, expect=now)
     except tags.FileChanged:
+        # Changed under the write: by someone else, or by this very write's other run (a
+        # task retried while its first run still went on, on a node cut off for a while).
+        if _holds(order):
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                return Written(st.st_size, st.st_mtime)
         return Written(changed=True)
     except tags.TagError as exc:
         return Written(error=exc.reason)
