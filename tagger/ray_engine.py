@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import inspect
 import ipaddress
 import logging
 import math
@@ -31,6 +32,7 @@ import os
 import socket
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -182,6 +184,11 @@ class RayEngine:
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
         # Its traceback of each such block: the scan reports the files in one line each.
         logging.getLogger("ray.data._internal.execution.streaming_executor_state").setLevel(logging.CRITICAL)
+        # Advice to Ray Data's programmers, not to tagger's users: the deprecation of the
+        # remote argument max_retries (_retries), and a model pool larger than a dataset
+        # of few files (or of none, once every task failed) can keep busy.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")
 
     def close(self) -> None:
         if self._connected:
@@ -217,9 +224,7 @@ class RayEngine:
         # fusing decoding into the actors (decoding stays in CPU tasks on every node).
         # A lost task runs again elsewhere, a lost actor starts again
         # elsewhere and its batches run again: Ray Data's defaults.
-        # A decode task whose process dies is run again DECODE_RETRIES times (Ray Data's
-        # default is forever: a file that crashes its decoder would stall the scan).
-        ds = ds.map(decode_row, fn_kwargs={"max_windows": self.max_windows}, num_cpus=decode_cpus, memory=DECODE_MEMORY, max_retries=DECODE_RETRIES)
+        ds = ds.map(decode_row, fn_kwargs={"max_windows": self.max_windows}, num_cpus=decode_cpus, memory=DECODE_MEMORY, **_retries(ds.map))
         # At most 16 files a model batch: the model starts while decoding goes on, and the
         # last batch, which the scan waits for alone, stays short (docs/cluster.md).
         files_per_batch = max(1, min(16, self.batch_size // max(1, self.max_windows)))
@@ -353,6 +358,20 @@ class RayEngine:
             for handle in writers.values():
                 with contextlib.suppress(Exception):
                     ray.kill(handle)
+
+
+def _retries(method: Any) -> dict[str, int]:
+    """``max_retries`` for a decode task whose process dies: DECODE_RETRIES, not Ray Data's forever.
+
+    Forever, a file that crashes its decoder each time would stall the scan. Ray Data
+    2.5x takes it among the ``**ray_remote_args`` it calls deprecated (it names no
+    parameter for it yet), so the warning is kept off the user's screen; a Ray Data that
+    takes neither is left to its default.
+    """
+    params = inspect.signature(method).parameters
+    if "max_retries" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return {"max_retries": DECODE_RETRIES}
+    return {}
 
 
 def _cluster_failures() -> tuple[type[BaseException], ...]:
