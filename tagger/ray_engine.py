@@ -58,7 +58,7 @@ FILES_PER_TASK = 2
 #: the first; then its files are run again one a task, and one that fails again is failed.
 DECODE_RETRIES = 3
 #: The reason recorded for a file whose task failed every run, the last one alone.
-TASK_FAILED = "its task on the Ray cluster failed every time, the last run alone (the worker process died: a crash in the decoder, or out of memory)"
+TASK_FAILED = "its task on the Ray cluster failed on every run, the last one alone (its worker process died: a crash in the decoder, out of memory; or the task raised an error)"
 #: Bytes a decode task reserves (a Ray worker process decoding a track's windows).
 DECODE_MEMORY = 400 * 2**20
 #: Tag writes in flight at once (each a small Ray task).
@@ -117,6 +117,18 @@ def _reachable(host: str, port: str) -> None:
             pass
     except (OSError, ValueError) as exc:
         raise RayEngineError(f"no Ray cluster at {host}:{port}: {getattr(exc, 'strerror', None) or exc} (start one with `ray start --head`)") from None
+
+
+class _OneLine(logging.Filter):
+    """A log record's exception as one line of its message, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.getMessage()} ({type(record.exc_info[1]).__name__}: {_one_line(record.exc_info[1])})"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 def _one_line(exc: BaseException) -> str:
@@ -182,8 +194,11 @@ class RayEngine:
         for name in ("ray", "ray.data"):
             logging.getLogger(name).setLevel(logging.WARNING)
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
-        # Its traceback of each such block: the scan reports the files in one line each.
-        logging.getLogger("ray.data._internal.execution.streaming_executor_state").setLevel(logging.CRITICAL)
+        # Ray Data logs each such block's error with its traceback: one line instead (the
+        # scan then reports each file it lost in one line of its own).
+        executor_log = logging.getLogger("ray.data._internal.execution.streaming_executor_state")
+        if not any(isinstance(f, _OneLine) for f in executor_log.filters):
+            executor_log.addFilter(_OneLine())
         # Advice to Ray Data's programmers, not to tagger's users: the deprecation of the
         # remote argument max_retries (_retries), and a model pool larger than a dataset
         # of few files (or of none, once every task failed) can keep busy.
