@@ -61,7 +61,7 @@ def first_windows(data, rows, n: int) -> list[int]:
     return out
 
 
-def calibration_variants(lin, top, mask, keep, fold, top_weight, data, idx, labels, table, gtzan_labels, gtzan_rows, threshold: float, k: int) -> dict:
+def calibration_variants(lin, top, mask, keep, fold, cfg, data, idx, labels, table, gtzan_labels, gtzan_rows, threshold: float, k: int) -> dict:
     """Calibrations of the pooled held-out logits, each fitted on k-1 folds and applied to the kth.
 
     - ``temperatures``: the shipped calibration (each branch's, then the pool's);
@@ -75,18 +75,18 @@ def calibration_variants(lin, top, mask, keep, fold, top_weight, data, idx, labe
     Scored at ``threshold`` (``--threshold``, else the configured ``min_confidence``) like
     the main table.
     """
+    import dataclasses
+
     from scipy.optimize import minimize
 
+    from tagger import vocabulary
     from tagger.model import partial, scoring
     from tagger.teacher import mixed
 
     n, c = mask.shape
 
-    def temperatures(sel):
-        z = lin / partial.fit_temperature(lin[sel], mask[sel])
-        if top is not None:
-            z = (1 - top_weight) * z + top_weight * top / partial.fit_temperature(top[sel], mask[sel])
-        return z / partial.fit_temperature(z[sel], mask[sel])
+    def temperatures(sel):  # on a copy: the caller's cfg keeps the temperatures fitted on every fold
+        return mixed.calibrated_logits(lin, top, mask, sel, dataclasses.replace(cfg))
 
     def affine(z, sel, lam, scale):
         zs, ms, w = z[sel], mask[sel], np.full(int(sel.sum()), 1.0 / int(sel.sum()))
@@ -135,7 +135,7 @@ def calibration_variants(lin, top, mask, keep, fold, top_weight, data, idx, labe
     tf = np.array([fold[first[t]] for t in tracks])
     choice, conf = tp.argmax(axis=1), tp.max(axis=1)
     ok = np.array([labels[j] in al for j, al in zip(choice, allowed, strict=True)])
-    none = labels.index(vocabulary_none()) if vocabulary_none() in labels else -1
+    none = labels.index(vocabulary.NONE_LABEL) if vocabulary.NONE_LABEL in labels else -1
     write = np.zeros(len(tracks), bool)
     for i in range(k):
         tr, te = tf != i, tf == i
@@ -150,12 +150,6 @@ def calibration_variants(lin, top, mask, keep, fold, top_weight, data, idx, labe
     right, wrong = float((write & ok).mean()), float((write & ~ok).mean())
     out["per-genre thresholds (80 %)"] = {"n": len(tracks), "right": right, "wrong": wrong, "nothing": 1 - right - wrong, "precision": right / max(right + wrong, 1e-9), "best_right": None, "best_threshold": None, "gtzan_cv_accuracy": out["temperatures (shipped)"]["gtzan_cv_accuracy"]}
     return out
-
-
-def vocabulary_none() -> str:
-    from tagger import vocabulary
-
-    return vocabulary.NONE_LABEL
 
 
 def main() -> int:
@@ -233,7 +227,7 @@ def main() -> int:
         if a.variants:
             fold = mixed.grouped_folds(data.groups, a.folds, cfg.seed)
             gtzan_rows = np.array([s == "gtzan" for s in data.sources])
-            result["calibration_variants"] = calibration_variants(lin, top, mask, keep, fold, cfg.top_weight, data, idx, labels, table, train.labels, gtzan_rows, threshold, a.folds)
+            result["calibration_variants"] = calibration_variants(lin, top, mask, keep, fold, cfg, data, idx, labels, table, train.labels, gtzan_rows, threshold, a.folds)
     else:
         from tagger.model.infer import Classifier
 

@@ -314,12 +314,12 @@ class RayEngine:
                 else:
                     yield library.finish(job, written)
 
-        def run(todo: list[str], per_task: int) -> Iterator[Outcome | str]:
-            """Outcomes of ``todo``'s files, and the path of each one that came back."""
+        def run(todo: list[str], per_task: int, done: set[str]) -> Iterator[Outcome]:
+            """Outcomes of ``todo``'s files; the path of each one that came back goes into ``done``."""
             try:
                 for row in self._dataset(todo, model_ref, cpu_chunk, per_task).iter_rows():
                     result = _classification(row, labels, head)
-                    yield result.path
+                    done.add(result.path)
                     # A file decoded on the driver's own node is written here, as a
                     # local scan writes it; the others on the node that decoded them.
                     out = library.apply(result, by_path[result.path], defer=str(row["node"]) != here)
@@ -344,11 +344,7 @@ class RayEngine:
                 # file that kills its process again is lost.
                 for per_task in (FILES_PER_TASK, 1):
                     done: set[str] = set()
-                    for item in run(todo, per_task):
-                        if isinstance(item, str):
-                            done.add(item)
-                        else:
-                            yield item
+                    yield from run(todo, per_task, done)
                     todo = [p for p in todo if p not in done]
                     if not todo:
                         break

@@ -217,6 +217,8 @@ def test_a_decode_process_that_keeps_dying(cluster, mp3s: list[Path], tmp_path: 
     """Decode tasks whose worker process dies every time (a decoder's crash, the OOM killer):
     the scan does not stall (Ray Data would retry them forever); after its retries, each
     file is run again alone, then recorded failed with a one-line reason; exit status 1."""
+    from tagger import ray_engine
+
     lib = _library(tmp_path / "lib", mp3s[:3], broken=False)
     db = tmp_path / "t.db"
     cfg = _config(tmp_path, db)
@@ -238,15 +240,9 @@ def test_a_decode_process_that_keeps_dying(cluster, mp3s: list[Path], tmp_path: 
     rows = _rows(db, "SELECT status, last_error FROM tracks")
     assert len(rows) == 3
     assert {s for s, _ in rows} == {"failed"}
-    assert {e for _, e in rows} == {ray_engine_reason()}
+    assert {e for _, e in rows} == {ray_engine.TASK_FAILED}
     for f in mp3s[:3]:
         assert _genre_tag(lib / f.name) == []
-
-
-def ray_engine_reason() -> str:
-    from tagger import ray_engine
-
-    return ray_engine.TASK_FAILED
 
 
 def test_worker_node_lost_mid_scan(cluster, mp3s: list[Path], tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ nothing of the database layer (SQLAlchemy): the writer's CPU in a scan fell by a
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -66,22 +65,27 @@ def write_tags(order: WriteOrder) -> Written:
     if now is not None:
         same_file = order.remote or (now.st_dev, now.st_ino) == (dev, ino)
         if not (same_file and (now.st_size, now.st_mtime_ns) == (size, mtime_ns)):
-            if _holds(order):
-                return Written(now.st_size, now.st_mtime)
-            return Written(changed=True)
+            return _already(order) or Written(changed=True)
     try:
         tags.write_genres(path, order.genres, order.marker, separator=order.separator, expect=now)
     except tags.FileChanged:
         # Changed under the write: by someone else, or by this very write's other run (a
         # task retried while its first run still went on, on a node cut off for a while).
-        if _holds(order):
-            with contextlib.suppress(OSError):
-                st = os.stat(path)
-                return Written(st.st_size, st.st_mtime)
-        return Written(changed=True)
+        return _already(order) or Written(changed=True)
     except tags.TagError as exc:
         return Written(error=exc.reason)
     st = os.stat(path)
+    return Written(st.st_size, st.st_mtime)
+
+
+def _already(order: WriteOrder) -> Written | None:
+    """The file as written, where it already holds exactly ``order``'s write; else ``None``."""
+    if not _holds(order):
+        return None
+    try:
+        st = os.stat(order.path)
+    except OSError:
+        return None
     return Written(st.st_size, st.st_mtime)
 
 

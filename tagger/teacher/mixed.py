@@ -232,13 +232,18 @@ def held_out(f: np.ndarray, xt: np.ndarray | None, mask: np.ndarray, keep: np.nd
 
 def calibrate(lin: np.ndarray, top: np.ndarray | None, mask: np.ndarray, keep: np.ndarray, cfg: HeadConfig) -> np.ndarray:
     """Each branch's temperature, then the pool's (all fitted on held-out logits, set in ``cfg``); the pooled probabilities."""
+    return partial.softmax(calibrated_logits(lin, top, mask, keep, cfg))
+
+
+def calibrated_logits(lin: np.ndarray, top: np.ndarray | None, mask: np.ndarray, keep: np.ndarray, cfg: HeadConfig) -> np.ndarray:
+    """:func:`calibrate`'s pooled logits, over every row, with the temperatures fitted on the rows ``keep`` (set in ``cfg``)."""
     cfg.linear_temperature = partial.fit_temperature(lin[keep], mask[keep])
     z = lin / cfg.linear_temperature
     if top is not None:
         cfg.top_temperature = partial.fit_temperature(top[keep], mask[keep])
         z = (1 - cfg.top_weight) * z + cfg.top_weight * top / cfg.top_temperature
     cfg.temperature = partial.fit_temperature(z[keep], mask[keep])
-    return partial.softmax(z / cfg.temperature)
+    return z / cfg.temperature
 
 
 def cv_report(probs: np.ndarray, data: Labelled, labels: Sequence[str], table: Mapping[str, frozenset[str]], base: Sequence[str], precision: float) -> dict:
