@@ -152,6 +152,22 @@ def calibration_variants(lin, top, mask, keep, fold, cfg, data, idx, labels, tab
     return out
 
 
+def _top_overrides(top: dict, given: list[str]) -> dict:
+    """``top`` (the bundle's tops settings) with ``KEY=VALUE`` settings of :class:`TopConfig` changed."""
+    import dataclasses
+
+    from tagger.teacher.top import TopConfig
+
+    types = {f.name: type(f.default) for f in dataclasses.fields(TopConfig)}
+    out = dict(top)
+    for item in given:
+        key, _, value = item.partition("=")
+        if key not in types or not value:
+            raise SystemExit(f"--top {item}: expected KEY=VALUE with KEY one of {', '.join(types)}")
+        out[key] = types[key](value)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="bundle directory (default: the shipped model)")
@@ -162,6 +178,7 @@ def main() -> int:
     ap.add_argument("--cache", default=str(ROOT / "runs" / "teacher-cache"), help="teacher feature cache")
     ap.add_argument("--windows", type=int, default=None, help="windows of a track scored, its first ones, as a scan with [model] max_windows hears them (default: the config's)")
     ap.add_argument("--variants", action="store_true", help="also compare calibrations, each fitted on 4 folds' held-out logits and applied to the 5th: temperatures, per-genre bias, vector scaling, per-genre thresholds (the shipped model's kind of bundle only)")
+    ap.add_argument("--top", action="append", default=[], metavar="KEY=VALUE", help="refit the shipped recipe with this setting of its fine-tuned tops changed (tagger.teacher.top.TopConfig: members, epochs, learning_rate, mixup_alpha, first_seed, ...); repeatable")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if not Path(a.labelled).is_file() or not Path(a.data).is_dir():
@@ -197,6 +214,10 @@ def main() -> int:
         head = training["head"]
         cfg = HeadConfig(**{k: head[k] for k in ("patches", "embedding_dim", "l2", "log10_gain", "seed", "top", "top_weight") if k in head})
         mode = f"recipe refitted under {a.folds}-fold cross-validation grouped by artist"
+        if a.top:
+            cfg.top = _top_overrides(cfg.top, a.top)
+            mode += " with the tops' " + ", ".join(a.top)
+            result["top_overrides"] = a.top
         data = mixed.concat([mixed.from_dataset(train), mixed.from_dataset(valid, "valid"), extra])
         mean, mx = PatchCache(Path(a.cache), cfg.log10_gain).outputs(data.x)
         f = window_features(mean, mx, cfg.patches)

@@ -84,7 +84,7 @@ def main(ctx: click.Context, config_file: str | None, verbose: int) -> None:
 @click.option("--patience", type=int, default=None, help="Early stopping: epochs without a better valid accuracy.")
 @click.option("--seed", type=int, default=None)
 @click.option("--select", type=click.Choice(["best", "last"]), default=None, help="Keep each member's best epoch on --valid (valid then overstates accuracy) or the last epoch (honest; default when the valid figure is to be reported).")
-@click.option("--mixup", type=float, default=None, help="Mixup alpha (0 turns mixup off).")
+@click.option("--mixup", type=click.FloatRange(0), default=None, help="Mixup alpha (0 turns mixup off; default 0.3 for a DenseNet, 0 for the musicnn tops of --labelled).")
 @click.option("--masks/--no-masks", default=True, help="SpecAugment time and frequency masks.")
 @click.option("--arch", "arch_json", default=None, help='DenseNet settings as JSON, e.g. \'{"blocks": [4, 4, 4], "growth": 12}\'.')
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/model", show_default=True, help="Bundle directory (checkpoints inside; rerun to resume).")
@@ -244,7 +244,7 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
                     if value is not None:
                         setattr(hc, key, value)
                 tc = TopConfig()
-                for key, value in {"members": members, "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size}.items():
+                for key, value in {"members": members, "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size, "mixup_alpha": mixup}.items():
                     if value is not None:
                         setattr(tc, key, value)
                 hc.top = tc.to_dict() if tc.members > 0 else {}

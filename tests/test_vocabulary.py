@@ -127,6 +127,32 @@ def _musicnn_present() -> bool:
         return False
 
 
+def test_tops_mixup_mixes_windows_and_their_label_sets():
+    """A mixed batch is λ·own + (1-λ)·other with λ ≥ 0.5, and its loss weighs the two sets by λ."""
+    pytest.importorskip("keras")
+    from keras import ops
+
+    from tagger.teacher.top import _batches, _mixed_set_loss, _set_loss
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 10, 4)).astype(np.float32)
+    mask = np.eye(4, dtype=bool)[np.arange(8) % 4]
+    x_b, y_b = next(_batches(x, mask, 8, 1, 10, np.random.default_rng(1), mixup_alpha=0.4))
+    lam = y_b[:, 8]
+    assert (lam >= 0.5).all() and (lam < 1).any()
+    order = next(_batches(x, mask, 8, 1, 10, np.random.default_rng(1)))[0]  # the same draws unmixed
+    for i in range(8):  # mixed with some window j of the batch, whose label set comes with it
+        fits = [j for j in range(8) if np.allclose(x_b[i], lam[i] * order[i] + (1 - lam[i]) * order[j], atol=1e-6)]
+        assert any(np.array_equal(y_b[i, 4:8], mask[j]) for j in fits)
+    assert np.array_equal(y_b[:, :4], mask.astype(np.float32))
+    z = rng.normal(size=(8, 4)).astype(np.float32)
+    a, b = mask.astype(np.float32), np.roll(mask, 1, axis=0).astype(np.float32)
+    for w in (1.0, 0.7):
+        y = np.concatenate([a, b, np.full((8, 1), w, np.float32)], axis=1)
+        want = w * float(ops.convert_to_numpy(_set_loss(a, z))) + (1 - w) * float(ops.convert_to_numpy(_set_loss(b, z)))
+        assert float(ops.convert_to_numpy(_mixed_set_loss(y, z))) == pytest.approx(want, rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def mixed_bundle(tmp_path_factory, shared_png):
     """``tagger train --teacher musicnn --labelled``: GTZAN folders of 3 genres plus labelled windows.
@@ -164,7 +190,7 @@ def mixed_bundle(tmp_path_factory, shared_png):
     out = root / "bundle"
     args = ["train", str(data), "--teacher", "musicnn", "--labelled", str(root / "extra.npz"), "--vocabulary", "classical,hiphop,metal,pop,rock,other",
             "--patches", "2", "--embedding-dim", "8", "--l2", "0.01", "--cv", "2",
-            "--members", "2", "--epochs", "3", "--out", str(out)]  # fmt: skip
+            "--members", "2", "--epochs", "3", "--mixup", "0.3", "--out", str(out)]  # fmt: skip
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "cross-validated real music" in result.output
@@ -178,6 +204,7 @@ def test_mixed_training_writes_a_calibrated_bundle_with_the_vocabulary(mixed_bun
     assert b.labels == ["classical", "hiphop", "metal", "pop", "rock", "other"]
     t = b.meta["training"]
     assert t["head"]["temperature"] > 0
+    assert t["head"]["top"]["mixup_alpha"] == 0.3  # --mixup reaches the tops on this route
     assert "cv" in b.meta["metrics"] and b.meta["metrics"]["cv"]["folds"] == 2
     assert t["data"]["labelled"]["windows"] == 10 and t["data"]["labelled"]["groups"] == 2
     assert (mixed_bundle / "precision.png").stat().st_size > 1000
