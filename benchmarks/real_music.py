@@ -207,12 +207,12 @@ def main() -> int:
     result: dict = {"windows_per_track": windows, "model": {"name": bundle.name, "sha256": bundle.sha256}, "threshold": threshold}
     if saw_extra:
         from tagger.model import partial
-        from tagger.teacher.branch import HeadConfig, PatchCache, window_features
+        from tagger.teacher.branch import HeadConfig, PatchCache, head_features
         from tagger.teacher.musicnn import Bridge
         from tagger.teacher.top import interleave, musicnn_top_weights
 
         head = training["head"]
-        cfg = HeadConfig(**{k: head[k] for k in ("patches", "embedding_dim", "l2", "log10_gain", "seed", "top", "top_weight") if k in head})
+        cfg = HeadConfig(**{k: head[k] for k in ("patches", "embedding_dim", "l2", "log10_gain", "seed", "top", "top_weight", "mel_stats") if k in head})
         mode = f"recipe refitted under {a.folds}-fold cross-validation grouped by artist"
         if a.top:
             cfg.top = _top_overrides(cfg.top, a.top)
@@ -220,7 +220,7 @@ def main() -> int:
             result["top_overrides"] = a.top
         data = mixed.concat([mixed.from_dataset(train), mixed.from_dataset(valid, "valid"), extra])
         mean, mx = PatchCache(Path(a.cache), cfg.log10_gain).outputs(data.x)
-        f = window_features(mean, mx, cfg.patches)
+        f = head_features(mean, mx, data.x, cfg)
         with_tops = cfg.top.get("members", 0) > 0
         xt = interleave(mean, mx) if with_tops else None
         start = musicnn_top_weights() if with_tops else None

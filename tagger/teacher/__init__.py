@@ -12,6 +12,6 @@ from pathlib import Path
 def load_keras(path: str | Path):
     """A bundle's ``model.keras`` whatever route made it, the teacher's layers registered."""
     from ..model.export import load_keras as _load
-    from . import branch, musicnn  # noqa: F401  (register the teacher route's layers with Keras)
+    from . import branch, melstats, musicnn  # noqa: F401  (register the teacher route's layers with Keras)
 
     return _load(path)

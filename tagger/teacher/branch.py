@@ -56,9 +56,11 @@ class HeadConfig:
     top_weight: float = 0.0
     linear_temperature: float = 1.0
     top_temperature: float = 1.0
+    #: The linear head also reads the window's mel statistics (:mod:`tagger.teacher.melstats`).
+    mel_stats: bool = False
 
     def to_dict(self) -> dict:
-        keys = ("patches", "embedding_dim", "c", "densenet_weight", "log10_gain", "extra", "l2", "temperature", "seed", "top", "top_weight", "linear_temperature", "top_temperature")
+        keys = ("patches", "embedding_dim", "c", "densenet_weight", "log10_gain", "extra", "l2", "temperature", "seed", "top", "top_weight", "linear_temperature", "top_temperature", "mel_stats")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -73,6 +75,16 @@ def window_features(mean_pool: np.ndarray, max_pool: np.ndarray, patches: int) -
     idx = Bridge.patch_indices(patches)
     per = np.concatenate([mean_pool[:, idx], max_pool[:, idx]], axis=-1).astype(np.float32)
     return np.concatenate([per.mean(axis=1), per.max(axis=1)], axis=-1)
+
+
+def head_features(mean_pool: np.ndarray, max_pool: np.ndarray, levels: np.ndarray, cfg: HeadConfig) -> np.ndarray:
+    """What the linear head reads: :func:`window_features`, then the windows' mel statistics when ``cfg.mel_stats``."""
+    f = window_features(mean_pool, max_pool, cfg.patches)
+    if not cfg.mel_stats:
+        return f
+    from .melstats import mel_stats
+
+    return np.concatenate([f, mel_stats(levels)], axis=-1)
 
 
 #: What the teacher cache keeps of every patch: the branch's features and the distillation targets.
@@ -241,6 +253,10 @@ def build_branch_model(musicnn, head: Head, cfg: HeadConfig, n_classes: int, den
     out = musicnn(x)
     per_patch = layers.Concatenate(axis=-1, name="patch_pools")([out["mean_pool"], out["max_pool"]])
     f = PatchPool(cfg.patches, name="teacher_features")(per_patch)
+    if cfg.mel_stats:
+        from .melstats import MelStats
+
+        f = layers.Concatenate(axis=-1, name="head_features")([f, MelStats(name="mel_stats")(inputs)])
     dim = head.components.shape[0]
     # standardise + principal components as one affine map: the embedding
     proj = layers.Dense(dim, name="embedding")

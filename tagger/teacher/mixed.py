@@ -35,7 +35,7 @@ import numpy as np
 from .. import vocabulary as vocab_
 from ..dataset import Dataset
 from ..model import partial, scoring
-from .branch import Head, HeadConfig, PatchCache, window_features
+from .branch import Head, HeadConfig, PatchCache, head_features
 from .top import TopConfig, fit_tops, interleave, musicnn_top_weights, tops_logits
 
 
@@ -328,7 +328,7 @@ def run_mixed_training(
     cache = PatchCache(cache_dir, cfg.log10_gain)
     say(f"teacher features of {len(data)} windows (cached in {cache_dir})")
     mean, mx = cache.outputs(data.x, progress=lambda i, n: say(f"  {i}/{n}") if i % 128 == 0 or i == n else None)
-    f = window_features(mean, mx, cfg.patches)
+    f = head_features(mean, mx, data.x, cfg)
     with_tops = cfg.top.get("members", 0) > 0
     xt = interleave(mean, mx) if with_tops else None
     musicnn = load_musicnn()
