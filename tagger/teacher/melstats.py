@@ -43,6 +43,12 @@ LAGS = 60
 MEL_STATS = GROUPS * (4 + RATE_BANDS) + len(ONSET_BANDS) * LAGS
 
 
+def dft_tables(frames: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine and sine tables ``(frames, n // 2 + 1)`` of a real DFT of length ``n`` (``frames`` values, zero-padded)."""
+    angle = 2.0 * np.pi * np.outer(np.arange(frames), np.arange(n // 2 + 1)) / n
+    return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+
+
 def modulation_tables(columns: int = features.N_COLUMNS, seconds: float = features.WINDOW_SECONDS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cosine and sine tables ``(columns, K)`` of the real DFT, and ``(K, RATE_BANDS)`` rate-band means.
 
@@ -50,14 +56,13 @@ def modulation_tables(columns: int = features.N_COLUMNS, seconds: float = featur
     rate band averages the coefficients in ``[lo, hi)``.
     """
     k = np.arange(columns // 2 + 1)
-    angle = 2.0 * np.pi * np.outer(np.arange(columns), k) / columns
     rate = k / seconds
     edges = np.geomspace(*RATE_RANGE, RATE_BANDS + 1)
     pool = np.zeros((len(k), RATE_BANDS))
     for j, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
         sel = (rate >= lo) & (rate < hi)
         pool[sel, j] = 1.0 / sel.sum()
-    return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32), pool.astype(np.float32)
+    return (*dft_tables(columns, columns), pool.astype(np.float32))
 
 
 def periodicity_tables(frames: int = features.N_COLUMNS - 1, lags: int = LAGS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -67,11 +72,10 @@ def periodicity_tables(frames: int = features.N_COLUMNS - 1, lags: int = LAGS) -
     the autocorrelation at lags 1..``lags``."""
     n = 1 << int(np.ceil(np.log2(frames + lags)))
     k = np.arange(n // 2 + 1)
-    angle = 2.0 * np.pi * np.outer(np.arange(frames), k) / n
     weight = np.full(len(k), 2.0)
     weight[0] = weight[-1] = 1.0  # the zero and Nyquist bins appear once in the full spectrum
     back = weight[:, None] * np.cos(2.0 * np.pi * np.outer(k, np.arange(1, lags + 1)) / n) / n
-    return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32), back.astype(np.float32)
+    return (*dft_tables(frames, n), back.astype(np.float32))
 
 
 def onset_bands(bands: int = features.N_MELS) -> np.ndarray:
