@@ -13,6 +13,7 @@ through the label map (``tagger/vocabulary.py``), next to GTZAN valid.
 - Any other bundle (e.g. an earlier model) is run as it is, with ONNX Runtime.
 
     python benchmarks/real_music.py [--model BUNDLE] [--threshold P] [--folds 5]
+        [--fold-seed N] [--head mel_stats=false] [--top KEY=VALUE]
 
 Needs the train extra (the teacher) for the first kind. Prints tables; ``--json`` too.
 """
@@ -168,6 +169,29 @@ def _top_overrides(top: dict, given: list[str]) -> dict:
     return out
 
 
+def _head_overrides(given: list[str]) -> dict:
+    """``KEY=VALUE`` settings of the linear head (:class:`HeadConfig`) as typed values, checked
+    before anything is loaded."""
+    import dataclasses
+
+    from tagger.teacher.branch import HeadConfig
+
+    names = ("patches", "embedding_dim", "l2", "mel_stats")
+    types = {f.name: type(f.default) for f in dataclasses.fields(HeadConfig) if f.name in names}
+    out: dict = {}
+    for item in given:
+        key, _, value = item.partition("=")
+        if key not in types or not value:
+            raise SystemExit(f"--head {item}: expected KEY=VALUE with KEY one of {', '.join(types)}")
+        if types[key] is bool:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise SystemExit(f"--head {item}: expected true or false")
+            out[key] = value.lower() in ("true", "1", "yes")
+        else:
+            out[key] = types[key](value)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="bundle directory (default: the shipped model)")
@@ -179,8 +203,11 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=None, help="windows of a track scored, its first ones, as a scan with [model] max_windows hears them (default: the config's)")
     ap.add_argument("--variants", action="store_true", help="also compare calibrations, each fitted on 4 folds' held-out logits and applied to the 5th: temperatures, per-genre bias, vector scaling, per-genre thresholds (the shipped model's kind of bundle only)")
     ap.add_argument("--top", action="append", default=[], metavar="KEY=VALUE", help="refit the shipped recipe with this setting of its fine-tuned tops changed (tagger.teacher.top.TopConfig: members, epochs, learning_rate, mixup_alpha, first_seed, ...); repeatable")
+    ap.add_argument("--head", action="append", default=[], metavar="KEY=VALUE", help="refit the shipped recipe with this setting of its linear head changed (tagger.teacher.branch.HeadConfig: mel_stats, patches, embedding_dim, l2); repeatable")
+    ap.add_argument("--fold-seed", type=int, default=None, help="draw the artist-grouped folds with this seed instead of the recipe's (the tops keep their seeds): another draw of the same cross-validation")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    head_overrides = _head_overrides(a.head)
     if not Path(a.labelled).is_file() or not Path(a.data).is_dir():
         print(f"needs {a.labelled} and {a.data} (../shared)", file=sys.stderr)
         return 2
@@ -204,6 +231,9 @@ def main() -> int:
     extra = mixed.load_labelled(a.labelled)
     table = {k: frozenset(v) for k, v in training.get("label_map", {}).items()} or vocabulary.SOURCE_MAP
     saw_extra = "labelled" in training.get("data", {})
+    if not saw_extra and (a.top or a.head or a.fold_seed is not None):
+        print(f"--top, --head and --fold-seed refit a recipe; {bundle.name} is run as it is (it never saw the extra-music windows)", file=sys.stderr)
+        return 2
     result: dict = {"windows_per_track": windows, "model": {"name": bundle.name, "sha256": bundle.sha256}, "threshold": threshold}
     if saw_extra:
         from tagger.model import partial
@@ -218,6 +248,14 @@ def main() -> int:
             cfg.top = _top_overrides(cfg.top, a.top)
             mode += " with the tops' " + ", ".join(a.top)
             result["top_overrides"] = a.top
+        if a.head:
+            for key, value in head_overrides.items():
+                setattr(cfg, key, value)
+            mode += " with the head's " + ", ".join(a.head)
+            result["head_overrides"] = a.head
+        if a.fold_seed is not None:
+            mode += f", folds drawn with seed {a.fold_seed}"
+            result["fold_seed"] = a.fold_seed
         data = mixed.concat([mixed.from_dataset(train), mixed.from_dataset(valid, "valid"), extra])
         mean, mx = PatchCache(Path(a.cache), cfg.log10_gain).outputs(data.x)
         f = head_features(mean, mx, data.x, cfg)
@@ -227,7 +265,7 @@ def main() -> int:
         if with_tops:
             mode += f", {cfg.top['members']} fine-tuned tops a fold"
         mask, keep = mixed.targets(data, labels, table)
-        lin, top = mixed.held_out(f, xt, mask, keep, data.groups, cfg, start, a.folds)
+        lin, top = mixed.held_out(f, xt, mask, keep, data.groups, cfg, start, a.folds, fold_seed=a.fold_seed)
         probs = mixed.calibrate(lin, top, mask, keep, cfg)
         t = cfg.temperature
         rep = mixed.cv_report(probs, data, labels, table, train.labels, 0.8)
@@ -246,7 +284,7 @@ def main() -> int:
         result["temperature"] = t
         result["gtzan_cv_accuracy"] = rep["gtzan"]["accuracy_among_its_genres"]
         if a.variants:
-            fold = mixed.grouped_folds(data.groups, a.folds, cfg.seed)
+            fold = mixed.grouped_folds(data.groups, a.folds, cfg.seed if a.fold_seed is None else a.fold_seed)
             gtzan_rows = np.array([s == "gtzan" for s in data.sources])
             result["calibration_variants"] = calibration_variants(lin, top, mask, keep, fold, cfg, data, idx, labels, table, train.labels, gtzan_rows, threshold, a.folds)
     else:

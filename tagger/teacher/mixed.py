@@ -211,11 +211,26 @@ def fit_all(f: np.ndarray, xt: np.ndarray | None, mask: np.ndarray, cfg: HeadCon
     return Fitted(head, tops, cfg)
 
 
-def held_out(f: np.ndarray, xt: np.ndarray | None, mask: np.ndarray, keep: np.ndarray, groups: Sequence[str], cfg: HeadConfig, start: dict | None, k: int, say: Callable[[str], None] = lambda s: None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Held-out logits of the linear head and of the tops (``None`` without tops): k folds grouped by artist."""
+def held_out(
+    f: np.ndarray,
+    xt: np.ndarray | None,
+    mask: np.ndarray,
+    keep: np.ndarray,
+    groups: Sequence[str],
+    cfg: HeadConfig,
+    start: dict | None,
+    k: int,
+    say: Callable[[str], None] = lambda s: None,
+    fold_seed: int | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Held-out logits of the linear head and of the tops (``None`` without tops): k folds grouped by artist.
+
+    The folds are drawn with ``fold_seed`` (default ``cfg.seed``, which also seeds the tops):
+    another draw of the folds with the same tops' seeds, to see how much a figure owes to one
+    draw (``benchmarks/real_music.py --fold-seed``)."""
     from .musicnn import Bridge
 
-    fold = grouped_folds(groups, k, cfg.seed)
+    fold = grouped_folds(groups, k, cfg.seed if fold_seed is None else fold_seed)
     lin = np.zeros(mask.shape)
     top = np.zeros(mask.shape) if xt is not None and cfg.top.get("members", 0) > 0 else None
     idx = Bridge.patch_indices(cfg.patches)
