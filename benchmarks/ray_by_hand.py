@@ -60,6 +60,11 @@ def _proc_cpu() -> dict[int, tuple[str, float]]:
 def _group(cmd: str, scan_pid: int, pid: int) -> str:
     if pid == scan_pid:
         return "the scan (driver)"
+    if cmd.split(" ", 1)[0].endswith(("/raylet", "/gcs_server")):
+        # before the next test: a raylet's command line names default_worker.py (the
+        # command it starts workers with), and until 2026-12-07 the raylets were counted
+        # among the decode workers here
+        return "cluster daemons (gcs, raylets, monitors)"
     if cmd.startswith("ray::IDLE") or "default_worker.py" in cmd:
         return "Ray worker processes (decode tasks)"
     if cmd.startswith("ray::"):
