@@ -153,6 +153,48 @@ def test_tops_mixup_mixes_windows_and_their_label_sets():
         assert float(ops.convert_to_numpy(_mixed_set_loss(y, z))) == pytest.approx(want, rel=1e-5)
 
 
+def test_folds_keep_each_artist_whole_and_another_fold_seed_draws_them_anew():
+    """Artist-grouped folds: a group never straddles two folds; ``fold_seed`` redraws the folds
+    (``benchmarks/real_music.py --fold-seed``) and every held-out logit comes from a head fitted
+    without that window's artist."""
+    pytest.importorskip("keras")
+    pytest.importorskip("sklearn")
+    from tagger.teacher import mixed
+    from tagger.teacher.branch import HeadConfig
+
+    groups = [f"artist-{i // 3}" for i in range(60)]  # 20 artists, 3 windows each
+    a, b = mixed.grouped_folds(groups, 4, seed=0), mixed.grouped_folds(groups, 4, seed=1)
+    for fold in (a, b):
+        assert sorted(set(fold)) == [0, 1, 2, 3]
+        for g in set(groups):
+            assert len({int(f) for f, h in zip(fold, groups, strict=True) if h == g}) == 1
+    assert np.array_equal(a, mixed.grouped_folds(groups, 4, seed=0))
+    assert not np.array_equal(a, b)
+
+    # Each artist's windows sit near its own point, labelled by its artist's genre: a head
+    # that saw the artist places it better than one that did not.
+    rng = np.random.default_rng(0)
+    artist_genre = rng.integers(0, 3, size=20)
+    centres = rng.normal(size=(20, 6)) * 2
+    f = (centres[np.arange(60) // 3] + rng.normal(size=(60, 6)) * 0.1).astype(np.float32)
+    mask = np.eye(3, dtype=bool)[artist_genre[np.arange(60) // 3]]
+    keep = np.ones(60, bool)
+    cfg = HeadConfig(embedding_dim=4, l2=0.01, seed=0)
+    lin0, top0 = mixed.held_out(f, None, mask, keep, groups, cfg, None, 4)
+    lin1, _ = mixed.held_out(f, None, mask, keep, groups, cfg, None, 4, fold_seed=1)
+    assert top0 is None
+    # the default draw is the recipe's own seed; another seed, other folds, other logits
+    assert np.allclose(lin0, mixed.held_out(f, None, mask, keep, groups, cfg, None, 4, fold_seed=0)[0])
+    assert not np.allclose(lin0, lin1)
+    # held out: fitted without the window's artist, each held-out window's logits differ
+    # from those of a head fitted on every window
+    seen = mixed.fit_head(f, mask, cfg).logits(f)
+    assert not np.allclose(seen, lin1, atol=1e-3)
+    own = [i for i in range(60) if b[i] == 0]
+    refit = mixed.fit_head(f[b != 0], mask[b != 0], cfg).logits(f[own])
+    assert np.allclose(refit, lin1[own], atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def mixed_bundle(tmp_path_factory, shared_png):
     """``tagger train --teacher musicnn --labelled``: GTZAN folders of 3 genres plus labelled windows.
