@@ -153,39 +153,20 @@ def calibration_variants(lin, top, mask, keep, fold, cfg, data, idx, labels, tab
     return out
 
 
-def _top_overrides(top: dict, given: list[str]) -> dict:
-    """``top`` (the bundle's tops settings) with ``KEY=VALUE`` settings of :class:`TopConfig` changed."""
+def _settings(config: type, given: list[str], flag: str, names: tuple[str, ...] | None = None) -> dict:
+    """``KEY=VALUE`` settings of the dataclass ``config`` (only ``names``, if given) as typed
+    values, checked before anything is loaded; ``{}`` without importing anything for none."""
     import dataclasses
 
-    from tagger.teacher.top import TopConfig
-
-    types = {f.name: type(f.default) for f in dataclasses.fields(TopConfig)}
-    out = dict(top)
-    for item in given:
-        key, _, value = item.partition("=")
-        if key not in types or not value:
-            raise SystemExit(f"--top {item}: expected KEY=VALUE with KEY one of {', '.join(types)}")
-        out[key] = types[key](value)
-    return out
-
-
-def _head_overrides(given: list[str]) -> dict:
-    """``KEY=VALUE`` settings of the linear head (:class:`HeadConfig`) as typed values, checked
-    before anything is loaded."""
-    import dataclasses
-
-    from tagger.teacher.branch import HeadConfig
-
-    names = ("patches", "embedding_dim", "l2", "mel_stats")
-    types = {f.name: type(f.default) for f in dataclasses.fields(HeadConfig) if f.name in names}
+    types = {f.name: type(f.default) for f in dataclasses.fields(config) if names is None or f.name in names}
     out: dict = {}
     for item in given:
         key, _, value = item.partition("=")
         if key not in types or not value:
-            raise SystemExit(f"--head {item}: expected KEY=VALUE with KEY one of {', '.join(types)}")
+            raise SystemExit(f"{flag} {item}: expected KEY=VALUE with KEY one of {', '.join(types)}")
         if types[key] is bool:
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise SystemExit(f"--head {item}: expected true or false")
+                raise SystemExit(f"{flag} {item}: expected true or false")
             out[key] = value.lower() in ("true", "1", "yes")
         else:
             out[key] = types[key](value)
@@ -207,7 +188,13 @@ def main() -> int:
     ap.add_argument("--fold-seed", type=int, default=None, help="draw the artist-grouped folds with this seed instead of the recipe's (the tops keep their seeds): another draw of the same cross-validation")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    head_overrides = _head_overrides(a.head)
+    head_overrides, top_overrides = {}, {}
+    if a.head or a.top:  # the teacher's settings classes import Keras
+        from tagger.teacher.branch import HeadConfig
+        from tagger.teacher.top import TopConfig
+
+        head_overrides = _settings(HeadConfig, a.head, "--head", ("patches", "embedding_dim", "l2", "mel_stats"))
+        top_overrides = _settings(TopConfig, a.top, "--top")
     if not Path(a.labelled).is_file() or not Path(a.data).is_dir():
         print(f"needs {a.labelled} and {a.data} (../shared)", file=sys.stderr)
         return 2
@@ -245,7 +232,7 @@ def main() -> int:
         cfg = HeadConfig(**{k: head[k] for k in ("patches", "embedding_dim", "l2", "log10_gain", "seed", "top", "top_weight", "mel_stats") if k in head})
         mode = f"recipe refitted under {a.folds}-fold cross-validation grouped by artist"
         if a.top:
-            cfg.top = _top_overrides(cfg.top, a.top)
+            cfg.top = {**cfg.top, **top_overrides}
             mode += " with the tops' " + ", ".join(a.top)
             result["top_overrides"] = a.top
         if a.head:
@@ -253,6 +240,7 @@ def main() -> int:
                 setattr(cfg, key, value)
             mode += " with the head's " + ", ".join(a.head)
             result["head_overrides"] = a.head
+        fold_seed = cfg.seed if a.fold_seed is None else a.fold_seed
         if a.fold_seed is not None:
             mode += f", folds drawn with seed {a.fold_seed}"
             result["fold_seed"] = a.fold_seed
@@ -265,7 +253,7 @@ def main() -> int:
         if with_tops:
             mode += f", {cfg.top['members']} fine-tuned tops a fold"
         mask, keep = mixed.targets(data, labels, table)
-        lin, top = mixed.held_out(f, xt, mask, keep, data.groups, cfg, start, a.folds, fold_seed=a.fold_seed)
+        lin, top = mixed.held_out(f, xt, mask, keep, data.groups, cfg, start, a.folds, fold_seed=fold_seed)
         probs = mixed.calibrate(lin, top, mask, keep, cfg)
         t = cfg.temperature
         rep = mixed.cv_report(probs, data, labels, table, train.labels, 0.8)
@@ -284,7 +272,7 @@ def main() -> int:
         result["temperature"] = t
         result["gtzan_cv_accuracy"] = rep["gtzan"]["accuracy_among_its_genres"]
         if a.variants:
-            fold = mixed.grouped_folds(data.groups, a.folds, cfg.seed if a.fold_seed is None else a.fold_seed)
+            fold = mixed.grouped_folds(data.groups, a.folds, fold_seed)
             gtzan_rows = np.array([s == "gtzan" for s in data.sources])
             result["calibration_variants"] = calibration_variants(lin, top, mask, keep, fold, cfg, data, idx, labels, table, train.labels, gtzan_rows, threshold, a.folds)
     else:
