@@ -184,7 +184,7 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=None, help="windows of a track scored, its first ones, as a scan with [model] max_windows hears them (default: the config's)")
     ap.add_argument("--variants", action="store_true", help="also compare calibrations, each fitted on 4 folds' held-out logits and applied to the 5th: temperatures, per-genre bias, vector scaling, per-genre thresholds (the shipped model's kind of bundle only)")
     ap.add_argument("--top", action="append", default=[], metavar="KEY=VALUE", help="refit the shipped recipe with this setting of its fine-tuned tops changed (tagger.teacher.top.TopConfig: members, epochs, learning_rate, mixup_alpha, first_seed, ...); repeatable")
-    ap.add_argument("--head", action="append", default=[], metavar="KEY=VALUE", help="refit the shipped recipe with this setting of its linear head changed (tagger.teacher.branch.HeadConfig: mel_stats, patches, embedding_dim, l2); repeatable")
+    ap.add_argument("--head", action="append", default=[], metavar="KEY=VALUE", help="refit the shipped recipe with this setting of its linear head changed (tagger.teacher.branch.HeadConfig: mel_stats, patch_std, band_corr, patches, embedding_dim, l2); repeatable")
     ap.add_argument("--fold-seed", type=int, default=None, help="draw the artist-grouped folds with this seed instead of the recipe's (the tops keep their seeds): another draw of the same cross-validation")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
@@ -193,7 +193,7 @@ def main() -> int:
         from tagger.teacher.branch import HeadConfig
         from tagger.teacher.top import TopConfig
 
-        head_overrides = _settings(HeadConfig, a.head, "--head", ("patches", "embedding_dim", "l2", "mel_stats"))
+        head_overrides = _settings(HeadConfig, a.head, "--head", ("patches", "embedding_dim", "l2", "mel_stats", "patch_std", "band_corr"))
         top_overrides = _settings(TopConfig, a.top, "--top")
     if not Path(a.labelled).is_file() or not Path(a.data).is_dir():
         print(f"needs {a.labelled} and {a.data} (../shared)", file=sys.stderr)
@@ -229,7 +229,7 @@ def main() -> int:
         from tagger.teacher.top import interleave, musicnn_top_weights
 
         head = training["head"]
-        cfg = HeadConfig(**{k: head[k] for k in ("patches", "embedding_dim", "l2", "log10_gain", "seed", "top", "top_weight", "mel_stats") if k in head})
+        cfg = HeadConfig(**{k: head[k] for k in ("patches", "embedding_dim", "l2", "log10_gain", "seed", "top", "top_weight", "mel_stats", "patch_std", "band_corr") if k in head})
         mode = f"recipe refitted under {a.folds}-fold cross-validation grouped by artist"
         if a.top:
             cfg.top = {**cfg.top, **top_overrides}

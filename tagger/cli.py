@@ -111,8 +111,10 @@ def main(ctx: click.Context, config_file: str | None, verbose: int) -> None:
 @click.option("--l2", type=float, default=None, help="With --labelled: L2 strength of the label-set head (default 0.1).")
 @click.option("--top-weight", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="With --labelled: share of the fine-tuned musicnn tops in the pooled logits (--members of them, default 5, each --epochs, default 30, at --learning-rate, default 3e-4; --members 0: the linear head alone).")
 @click.option("--mel-stats/--no-mel-stats", default=True, show_default=True, help="With --labelled: the linear head also reads the window's mel statistics (spectral envelope, onset periodicity, modulation spectrum; tagger/teacher/melstats.py).")
+@click.option("--patch-std/--no-patch-std", default=True, show_default=True, help="With --labelled: ... and the standard deviation of musicnn's features over the window's patches, beside their mean and max.")
+@click.option("--band-corr/--no-band-corr", default=True, show_default=True, help="With --labelled: ... and how the window's 16 mel band groups move together (their levels' correlations).")
 @pass_ctx
-def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, members, crop, batch_size, learning_rate, patience, seed, select, arch_json, out_dir, cache_dir, name, jobs, mixup, masks, teacher, densenet_bundle, densenet_weight, patches, embedding_dim, head_c, distill, extra_paths, tag_weight, penultimate_weight, labelled_per_batch, genre_weight, finetune_epochs, labelled_paths, label_map, vocabulary_list, cv_folds, l2, top_weight, mel_stats) -> None:
+def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, members, crop, batch_size, learning_rate, patience, seed, select, arch_json, out_dir, cache_dir, name, jobs, mixup, masks, teacher, densenet_bundle, densenet_weight, patches, embedding_dim, head_c, distill, extra_paths, tag_weight, penultimate_weight, labelled_per_batch, genre_weight, finetune_epochs, labelled_paths, label_map, vocabulary_list, cv_folds, l2, top_weight, mel_stats, patch_std, band_corr) -> None:
     """Train a genre model on DATA (PNG layout or <genre>/ audio folders)."""
     import numpy as np
 
@@ -240,7 +242,7 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
                 from .teacher.mixed import run_mixed_training
                 from .teacher.top import TopConfig
 
-                hc = HeadConfig(patches=6, mel_stats=mel_stats)
+                hc = HeadConfig(patches=6, mel_stats=mel_stats, patch_std=patch_std, band_corr=band_corr)
                 for key, value in {"patches": patches, "embedding_dim": embedding_dim, "l2": l2, "seed": seed}.items():
                     if value is not None:
                         setattr(hc, key, value)

@@ -55,3 +55,24 @@ def test_a_steady_beat_shows_at_its_lag_and_its_rate():
     assert np.allclose(rates[8:], 0.0)  # groups above the struck bands never move
     means = got[: ms.GROUPS]
     assert means[:4].min() > 0 and np.allclose(means[4:], 0.0)
+
+
+def test_band_correlation_is_each_pair_of_groups_pearson_correlation():
+    """Against numpy's corrcoef of the 16 groups' mean levels; a silent group correlates 0, groups
+    that rise and fall together 1, in opposition -1."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (3, features.N_MELS, features.N_COLUMNS), dtype=np.uint8)
+    x[2, :8] = 0  # group 0 silent
+    swell = (100 + 80 * np.sin(np.linspace(0, 12, features.N_COLUMNS))).astype(np.uint8)
+    x[1, 8:16] = swell  # group 1 follows the swell,
+    x[1, 16:24] = 255 - swell  # group 2 the other way
+    got = ms.band_correlation(x, batch=2)
+    assert got.shape == (3, ms.BAND_PAIRS) == (3, 120)
+    e = x.astype(np.float64).reshape(3, ms.GROUPS, -1, features.N_COLUMNS).mean(2)
+    i, j = np.triu_indices(ms.GROUPS, 1)
+    with np.errstate(invalid="ignore", divide="ignore"):  # the silent group's 0/0, taken as 0
+        ref = np.stack([np.nan_to_num(np.corrcoef(w))[i, j] for w in e])
+    np.testing.assert_allclose(got, ref, atol=2e-5)
+    pair = {(a, b): k for k, (a, b) in enumerate(zip(i, j, strict=True))}
+    assert got[1, pair[(1, 2)]] == pytest.approx(-1.0, abs=1e-4)
+    assert np.allclose(got[2, [pair[(0, b)] for b in range(1, ms.GROUPS)]], 0.0)

@@ -247,7 +247,8 @@ def test_mixed_training_writes_a_calibrated_bundle_with_the_vocabulary(mixed_bun
     t = b.meta["training"]
     assert t["head"]["temperature"] > 0
     assert t["head"]["top"]["mixup_alpha"] == 0.3  # --mixup reaches the tops on this route
-    assert t["head"]["mel_stats"] is True  # the default: the head reads the window's mel statistics
+    assert t["head"]["mel_stats"] is True  # the default: the head reads the window's mel statistics,
+    assert t["head"]["patch_std"] is True and t["head"]["band_corr"] is True  # the patches' spread, the bands' correlations
     assert "cv" in b.meta["metrics"] and b.meta["metrics"]["cv"]["folds"] == 2
     assert t["data"]["labelled"]["windows"] == 10 and t["data"]["labelled"]["groups"] == 2
     assert (mixed_bundle / "precision.png").stat().st_size > 1000
@@ -358,8 +359,9 @@ def test_shipped_model_has_the_larger_vocabulary_and_calibration():
 
 
 def test_fine_tuned_tops_in_the_shipped_graph_equal_the_recipe():
-    """The Keras graph (exported to ONNX), built from the folded head (reading musicnn's features and
-    the mel statistics) and tops, pools them exactly as training scored them (weights and temperatures included)."""
+    """The Keras graph (exported to ONNX), built from the folded head (reading musicnn's features, their
+    spread over the patches, the mel statistics and the band correlations) and tops, pools them exactly
+    as training scored them (weights and temperatures included)."""
     if not _musicnn_present():
         pytest.skip("musicnn weights not installed (pip install --no-deps musicnn==0.1.0)")
     import keras
@@ -368,19 +370,19 @@ def test_fine_tuned_tops_in_the_shipped_graph_equal_the_recipe():
     from tagger.teacher import bridge as br
     from tagger.teacher.branch import Head, HeadConfig, build_branch_model
     from tagger.teacher.checkpoint import load_musicnn
-    from tagger.teacher.melstats import MEL_STATS, mel_stats
+    from tagger.teacher.melstats import BAND_PAIRS, MEL_STATS, band_correlation, mel_stats
     from tagger.teacher.mixed import Fitted
     from tagger.teacher.musicnn import Bridge
     from tagger.teacher.top import Top, interleave, musicnn_top_weights
 
     rng = np.random.default_rng(3)
     k, dim, patches = 4, 6, 2
-    n = 3012 + MEL_STATS  # musicnn's pooled features, then the window's mel statistics
+    n = 3012 + 1506 + MEL_STATS + BAND_PAIRS  # musicnn's pooled features (mean, max; std), the mel statistics, the band correlations
     head = Head(rng.normal(size=n), rng.uniform(0.5, 2, n), rng.normal(size=(dim, n)) / 50, rng.normal(size=n), rng.normal(size=(k, dim)), rng.normal(size=k))
     musicnn = load_musicnn()
     w = musicnn_top_weights(musicnn)
     tops = [Top(w["pool_bn"], w["penultimate"], w["penultimate_bn"], [rng.normal(size=(200, k)) / 10, rng.normal(size=k)]) for _ in range(2)]
-    cfg = HeadConfig(patches=patches, top_weight=0.3, linear_temperature=1.3, top_temperature=0.8, temperature=1.1, mel_stats=True)
+    cfg = HeadConfig(patches=patches, top_weight=0.3, linear_temperature=1.3, top_temperature=0.8, temperature=1.1, mel_stats=True, patch_std=True, band_corr=True)
     fitted = Fitted(head, tops, cfg)
     folded_head, folded_tops = fitted.folded()
     model = build_branch_model(musicnn, folded_head, cfg, k, tops=folded_tops)
@@ -393,7 +395,7 @@ def test_fine_tuned_tops_in_the_shipped_graph_equal_the_recipe():
     b.set_matrices()
     mean, mx = (np.asarray(a).reshape(3, patches, 753) for a in keras.Model(inp, [out["mean_pool"], out["max_pool"]]).predict_on_batch(x))
     per = np.concatenate([mean, mx], -1)
-    f = np.concatenate([per.mean(1), per.max(1), mel_stats(x)], -1)
+    f = np.concatenate([per.mean(1), per.max(1), per.std(1), mel_stats(x), band_correlation(x)], -1)
     z = fitted.logits(f, interleave(mean, mx))
     assert Bridge.patch_indices(patches) == [2, 7]
     np.testing.assert_allclose(genre, partial.softmax(z), atol=2e-4)

@@ -58,9 +58,13 @@ class HeadConfig:
     top_temperature: float = 1.0
     #: The linear head also reads the window's mel statistics (:mod:`tagger.teacher.melstats`).
     mel_stats: bool = False
+    #: ... the standard deviation of musicnn's features over the patches (beside their mean and max),
+    #: and the correlations of the band groups' levels (:class:`tagger.teacher.melstats.BandCorrelation`).
+    patch_std: bool = False
+    band_corr: bool = False
 
     def to_dict(self) -> dict:
-        keys = ("patches", "embedding_dim", "c", "densenet_weight", "log10_gain", "extra", "l2", "temperature", "seed", "top", "top_weight", "linear_temperature", "top_temperature", "mel_stats")
+        keys = ("patches", "embedding_dim", "c", "densenet_weight", "log10_gain", "extra", "l2", "temperature", "seed", "top", "top_weight", "linear_temperature", "top_temperature", "mel_stats", "patch_std", "band_corr")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -78,13 +82,24 @@ def window_features(mean_pool: np.ndarray, max_pool: np.ndarray, patches: int) -
 
 
 def head_features(mean_pool: np.ndarray, max_pool: np.ndarray, levels: np.ndarray, cfg: HeadConfig) -> np.ndarray:
-    """What the linear head reads: :func:`window_features`, then the windows' mel statistics when ``cfg.mel_stats``."""
-    f = window_features(mean_pool, max_pool, cfg.patches)
-    if not cfg.mel_stats:
-        return f
-    from .melstats import mel_stats
+    """What the linear head reads, in the exported graph's order: :func:`window_features`, then
+    (each when ``cfg`` asks) the per-patch features' standard deviation over the patches, the
+    windows' mel statistics and their band groups' correlations."""
+    f = [window_features(mean_pool, max_pool, cfg.patches)]
+    if cfg.patch_std:
+        from .musicnn import Bridge
 
-    return np.concatenate([f, mel_stats(levels)], axis=-1)
+        idx = Bridge.patch_indices(cfg.patches)
+        f.append(np.concatenate([mean_pool[:, idx], max_pool[:, idx]], axis=-1).astype(np.float32).std(axis=1))
+    if cfg.mel_stats:
+        from .melstats import mel_stats
+
+        f.append(mel_stats(levels))
+    if cfg.band_corr:
+        from .melstats import band_correlation
+
+        f.append(band_correlation(levels))
+    return np.concatenate(f, axis=-1) if len(f) > 1 else f[0]
 
 
 #: What the teacher cache keeps of every patch: the branch's features and the distillation targets.
@@ -253,10 +268,19 @@ def build_branch_model(musicnn, head: Head, cfg: HeadConfig, n_classes: int, den
     out = musicnn(x)
     per_patch = layers.Concatenate(axis=-1, name="patch_pools")([out["mean_pool"], out["max_pool"]])
     f = PatchPool(cfg.patches, name="teacher_features")(per_patch)
+    parts = [f]
+    if cfg.patch_std:
+        parts.append(PatchPool(cfg.patches, "std", name="patch_std")(per_patch))
     if cfg.mel_stats:
         from .melstats import MelStats
 
-        f = layers.Concatenate(axis=-1, name="head_features")([f, MelStats(name="mel_stats")(inputs)])
+        parts.append(MelStats(name="mel_stats")(inputs))
+    if cfg.band_corr:
+        from .melstats import BandCorrelation
+
+        parts.append(BandCorrelation(name="band_corr")(inputs))
+    if len(parts) > 1:
+        f = layers.Concatenate(axis=-1, name="head_features")(parts)
     dim = head.components.shape[0]
     # standardise + principal components as one affine map: the embedding
     proj = layers.Dense(dim, name="embedding")

@@ -16,7 +16,11 @@ window's 128 × 387 levels (the representation of :mod:`tagger.features`):
   0.2 Hz to the columns' Nyquist rate (6.45 Hz): phrase, bar and beat rates (192 values,
   ``log1p`` of the mean magnitude of the band's discrete Fourier coefficients).
 
-Measured under the benchmark's artist-grouped folds before it was kept (docs/genres.md).
+Beside them, :class:`BandCorrelation`: how the 16 band groups' levels move together over the
+window (the correlation of each pair of groups' level series, 120 values): whether bass and
+treble rise and fall together, which instruments share a phrase (2026-12-08).
+
+Measured under the benchmark's artist-grouped folds before each was kept (docs/genres.md).
 A Keras layer written with ``keras.ops`` only (the Fourier transform is a product with
 fixed cosine and sine tables), so one piece of code computes the features that the head
 is fitted on and sits in the exported graph that ONNX Runtime runs at scan time.
@@ -41,6 +45,8 @@ ONSET_BANDS = ((0, 128), (0, 32), (96, 128), (32, 96))
 LAGS = 60
 #: Values per window: 4 statistics and ``RATE_BANDS`` rates for each band group, ``LAGS`` lags for each onset range.
 MEL_STATS = GROUPS * (4 + RATE_BANDS) + len(ONSET_BANDS) * LAGS
+#: Values per window of :class:`BandCorrelation`: one per pair of band groups.
+BAND_PAIRS = GROUPS * (GROUPS - 1) // 2
 
 
 def dft_tables(frames: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -135,3 +141,40 @@ def mel_stats(levels: np.ndarray, batch: int = 256) -> np.ndarray:
     layer = MelStats()
     out = [ops.convert_to_numpy(layer(levels[i : i + batch])) for i in range(0, len(levels), batch)]
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, MEL_STATS), np.float32)
+
+
+def pair_table(groups: int = GROUPS) -> np.ndarray:
+    """``(groups², groups·(groups − 1)/2)``: picks the upper triangle of a flattened correlation matrix."""
+    i, j = np.triu_indices(groups, 1)
+    out = np.zeros((groups * groups, len(i)), np.float32)
+    out[i * groups + j, np.arange(len(i))] = 1.0
+    return out
+
+
+@keras.saving.register_keras_serializable(package="tagger")
+class BandCorrelation(layers.Layer):
+    """``levels`` ``(N, 128, 387)`` uint8 → ``(N, BAND_PAIRS)``: the correlation over the window's
+    columns of each pair of band groups' mean levels (a silent group correlates 0 with all)."""
+
+    def build(self, input_shape):
+        self._pairs = pair_table()  # numpy: a constant of the traced graph (see MelStats.build)
+        self.built = True
+
+    def call(self, levels):
+        v = ops.cast(levels, "float32") / 255.0
+        bands, columns = v.shape[1], v.shape[2]
+        e = ops.mean(ops.reshape(v, (-1, GROUPS, bands // GROUPS, columns)), axis=2)  # (N, G, C)
+        ec = e - ops.mean(e, axis=-1, keepdims=True)
+        ec = ec / (ops.sqrt(ops.mean(ops.square(ec), axis=-1, keepdims=True)) + 1e-6)
+        corr = ops.matmul(ec, ops.transpose(ec, (0, 2, 1))) / float(columns)  # (N, G, G)
+        return ops.matmul(ops.reshape(corr, (-1, GROUPS * GROUPS)), ops.convert_to_tensor(self._pairs))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], BAND_PAIRS)
+
+
+def band_correlation(levels: np.ndarray, batch: int = 256) -> np.ndarray:
+    """:class:`BandCorrelation` of windows ``(N, 128, 387)`` as a numpy array ``(N, BAND_PAIRS)`` (float32)."""
+    layer = BandCorrelation()
+    out = [ops.convert_to_numpy(layer(levels[i : i + batch])) for i in range(0, len(levels), batch)]
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, BAND_PAIRS), np.float32)

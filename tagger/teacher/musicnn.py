@@ -196,7 +196,8 @@ class Bridge(layers.Layer):
 
 @keras.saving.register_keras_serializable(package="tagger")
 class PatchPool(layers.Layer):
-    """``(N·P, D)`` per-patch features → ``(N, 2·D)``: their mean and max over a window's patches (or the mean alone)."""
+    """``(N·P, D)`` per-patch features → ``(N, 2·D)``: their mean and max over a window's patches (``mode``
+    ``"mean"`` or ``"std"``: ``(N, D)``, the mean or the standard deviation alone)."""
 
     def __init__(self, patches: int, mode: str = "meanmax", **kwargs):
         super().__init__(**kwargs)
@@ -207,10 +208,12 @@ class PatchPool(layers.Layer):
         x = ops.reshape(x, (-1, self.patches, x.shape[-1]))
         if self.mode == "mean":
             return ops.mean(x, axis=1)
+        if self.mode == "std":  # population standard deviation, as numpy's
+            return ops.sqrt(ops.mean(ops.square(x - ops.mean(x, axis=1, keepdims=True)), axis=1))
         return ops.concatenate([ops.mean(x, axis=1), ops.max(x, axis=1)], axis=-1)
 
     def compute_output_shape(self, input_shape):
-        return (None, (1 if self.mode == "mean" else 2) * input_shape[-1])
+        return (None, (2 if self.mode == "meanmax" else 1) * input_shape[-1])
 
     def get_config(self):
         return {**super().get_config(), "patches": self.patches, "mode": self.mode}
