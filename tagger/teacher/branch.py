@@ -74,23 +74,27 @@ def window_features(mean_pool: np.ndarray, max_pool: np.ndarray, patches: int) -
     Mirrors the Keras graph exactly: per patch ``[mean_pool, max_pool]``, then
     the mean and the max of those over the chosen (evenly spread) patches.
     """
+    return _pooled(_per_patch(mean_pool, max_pool, patches))
+
+
+def _pooled(per: np.ndarray, std: bool = False) -> np.ndarray:
+    """Per-patch features ``(N, P, D)`` → their mean and max over the patches (and their standard deviation)."""
+    return np.concatenate([per.mean(axis=1), per.max(axis=1)] + ([per.std(axis=1)] if std else []), axis=-1)
+
+
+def _per_patch(mean_pool: np.ndarray, max_pool: np.ndarray, patches: int) -> np.ndarray:
+    """``(N, patches, 1506)``: each chosen patch's ``[mean_pool, max_pool]``, as the graph's ``patch_pools``."""
     from .musicnn import Bridge
 
     idx = Bridge.patch_indices(patches)
-    per = np.concatenate([mean_pool[:, idx], max_pool[:, idx]], axis=-1).astype(np.float32)
-    return np.concatenate([per.mean(axis=1), per.max(axis=1)], axis=-1)
+    return np.concatenate([mean_pool[:, idx], max_pool[:, idx]], axis=-1).astype(np.float32)
 
 
 def head_features(mean_pool: np.ndarray, max_pool: np.ndarray, levels: np.ndarray, cfg: HeadConfig) -> np.ndarray:
     """What the linear head reads, in the exported graph's order: :func:`window_features`, then
     (each when ``cfg`` asks) the per-patch features' standard deviation over the patches, the
     windows' mel statistics and their band groups' correlations."""
-    f = [window_features(mean_pool, max_pool, cfg.patches)]
-    if cfg.patch_std:
-        from .musicnn import Bridge
-
-        idx = Bridge.patch_indices(cfg.patches)
-        f.append(np.concatenate([mean_pool[:, idx], max_pool[:, idx]], axis=-1).astype(np.float32).std(axis=1))
+    f = [_pooled(_per_patch(mean_pool, max_pool, cfg.patches), cfg.patch_std)]
     if cfg.mel_stats:
         from .melstats import mel_stats
 
@@ -99,7 +103,7 @@ def head_features(mean_pool: np.ndarray, max_pool: np.ndarray, levels: np.ndarra
         from .melstats import band_correlation
 
         f.append(band_correlation(levels))
-    return np.concatenate(f, axis=-1) if len(f) > 1 else f[0]
+    return np.concatenate(f, axis=-1)
 
 
 #: What the teacher cache keeps of every patch: the branch's features and the distillation targets.

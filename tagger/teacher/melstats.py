@@ -92,6 +92,19 @@ def onset_bands(bands: int = features.N_MELS) -> np.ndarray:
     return out
 
 
+def _band_levels(levels):
+    """``levels`` uint8 → the levels scaled to [0, 1] ``(N, B, C)`` and each band group's mean ``(N, GROUPS, C)``."""
+    v = ops.cast(levels, "float32") / 255.0
+    bands, columns = v.shape[1], v.shape[2]
+    return v, ops.mean(ops.reshape(v, (-1, GROUPS, bands // GROUPS, columns)), axis=2)
+
+
+def _as_numpy(layer: layers.Layer, levels: np.ndarray, width: int, batch: int) -> np.ndarray:
+    """``layer`` over windows ``(N, 128, 387)`` in batches of ``batch``, as a float32 array ``(N, width)``."""
+    out = [ops.convert_to_numpy(layer(levels[i : i + batch])) for i in range(0, len(levels), batch)]
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, width), np.float32)
+
+
 @keras.saving.register_keras_serializable(package="tagger")
 class MelStats(layers.Layer):
     """``levels`` ``(N, 128, 387)`` uint8 → ``(N, MEL_STATS)`` window statistics (see the module).
@@ -108,9 +121,7 @@ class MelStats(layers.Layer):
 
     def call(self, levels):
         cos, sin, pool, ac_cos, ac_sin, ac_back, select = (ops.convert_to_tensor(a) for a in self._tables)
-        v = ops.cast(levels, "float32") / 255.0
-        bands, columns = v.shape[1], v.shape[2]
-        e = ops.mean(ops.reshape(v, (-1, GROUPS, bands // GROUPS, columns)), axis=2)  # (N, G, C)
+        v, e = _band_levels(levels)
         m = ops.mean(e, axis=-1, keepdims=True)
         ec = e - m
         d = e[:, :, 1:] - e[:, :, :-1]
@@ -138,9 +149,7 @@ class MelStats(layers.Layer):
 
 def mel_stats(levels: np.ndarray, batch: int = 256) -> np.ndarray:
     """:class:`MelStats` of windows ``(N, 128, 387)`` as a numpy array ``(N, MEL_STATS)`` (float32)."""
-    layer = MelStats()
-    out = [ops.convert_to_numpy(layer(levels[i : i + batch])) for i in range(0, len(levels), batch)]
-    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, MEL_STATS), np.float32)
+    return _as_numpy(MelStats(), levels, MEL_STATS, batch)
 
 
 def pair_table(groups: int = GROUPS) -> np.ndarray:
@@ -161,12 +170,10 @@ class BandCorrelation(layers.Layer):
         self.built = True
 
     def call(self, levels):
-        v = ops.cast(levels, "float32") / 255.0
-        bands, columns = v.shape[1], v.shape[2]
-        e = ops.mean(ops.reshape(v, (-1, GROUPS, bands // GROUPS, columns)), axis=2)  # (N, G, C)
+        _, e = _band_levels(levels)
         ec = e - ops.mean(e, axis=-1, keepdims=True)
         ec = ec / (ops.sqrt(ops.mean(ops.square(ec), axis=-1, keepdims=True)) + 1e-6)
-        corr = ops.matmul(ec, ops.transpose(ec, (0, 2, 1))) / float(columns)  # (N, G, G)
+        corr = ops.matmul(ec, ops.transpose(ec, (0, 2, 1))) / float(e.shape[-1])  # (N, G, G)
         return ops.matmul(ops.reshape(corr, (-1, GROUPS * GROUPS)), ops.convert_to_tensor(self._pairs))
 
     def compute_output_shape(self, input_shape):
@@ -175,6 +182,4 @@ class BandCorrelation(layers.Layer):
 
 def band_correlation(levels: np.ndarray, batch: int = 256) -> np.ndarray:
     """:class:`BandCorrelation` of windows ``(N, 128, 387)`` as a numpy array ``(N, BAND_PAIRS)`` (float32)."""
-    layer = BandCorrelation()
-    out = [ops.convert_to_numpy(layer(levels[i : i + batch])) for i in range(0, len(levels), batch)]
-    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, BAND_PAIRS), np.float32)
+    return _as_numpy(BandCorrelation(), levels, BAND_PAIRS, batch)
