@@ -60,6 +60,32 @@ def test_open_db_creates_file_migrates_and_sets_pragmas(tmp_path: Path) -> None:
         db.dispose()
 
 
+def test_schema_head_constant_is_the_newest_migration() -> None:
+    from tagger.store.db import SCHEMA_HEAD
+
+    assert S.head_revision() == SCHEMA_HEAD
+
+
+def test_current_database_opens_without_alembic(tmp_path: Path) -> None:
+    """A database already at head opens without importing Alembic (its 0.2 s of a
+    one-file scan); one stamped with an older revision is still upgraded."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "t.db"
+    S.upgrade(path)
+    probe = (
+        "import sys; from tagger.store import open_db; open_db(sys.argv[1]).dispose(); "
+        "print('alembic' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    S.downgrade(path, "0002")
+    out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+    assert S.current(path)[0] == S.head_revision()
+
+
 def test_models_match_migrated_schema(db: S.Database) -> None:
     with db.engine.connect() as conn:
         diff = compare_metadata(
