@@ -118,17 +118,36 @@ _WINDOW_64 = _WINDOW.astype(np.float64)
 #: STFT frames transformed at a time (a block stays in cache).
 _BLOCK = 64
 
+#: scipy's ``rfft`` once :func:`use_scipy_fft` has loaded it, else ``None`` (numpy's).
+_SCIPY_RFFT = None
+
+
+def use_scipy_fft() -> None:
+    """Let :func:`mel_db` transform with scipy.fft in this process.
+
+    Both transforms give librosa's spectrogram (``tests/test_features.py`` holds each to
+    it; they differ by about 1e-7 of the power). scipy's runs float32 frames side by side
+    in SIMD lanes and is the faster per window; numpy's float32 path is five times slower,
+    so numpy's is used in float64, which costs a few ms more a window. But importing
+    scipy.fft takes 0.17-0.25 s (scipy.special, numpy.testing), a sixth of a one-file
+    scan: decode workers, which make many windows, call this once at start; a process
+    that makes a few windows never does.
+    """
+    global _SCIPY_RFFT
+    from scipy import fft
+
+    _SCIPY_RFFT = fft.rfft
+
 
 def mel_db(y: np.ndarray) -> np.ndarray:
     """``power_to_db(melspectrogram(y), ref=max, top_db=80)`` as librosa computes it.
 
     The STFT is librosa's (centred frames, zero padding, periodic Hann), spelt out
-    with numpy alone: decode workers need not import librosa, nor a one-file scan
-    scipy.fft (0.17-0.25 s of imports). numpy transforms float64 as fast as scipy
-    float32 here (its float32 path is five times slower), given buffers it reuses;
-    each mel band sums only its triangle's bins (2,018 of 131,200 weights are not 0),
-    which wins back most of the difference. ``tests/test_features.py`` holds the
-    result to librosa's own.
+    with numpy (and scipy.fft where :func:`use_scipy_fft` asked for it) so decode
+    workers need not import librosa. Each mel band sums only its triangle's bins
+    (2,018 of the filter bank's 131,200 weights are not 0): a third of the dense
+    product's time on one thread. ``tests/test_features.py`` holds the result to
+    librosa's own.
     """
     y = np.asarray(y, dtype=np.float32)
     half = N_FFT // 2
@@ -136,20 +155,29 @@ def mel_db(y: np.ndarray) -> np.ndarray:
     frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH]
     n = len(frames)
     power = np.empty((n, N_FFT // 2 + 1), dtype=np.float32)
-    windowed = np.empty((min(n, _BLOCK), N_FFT), dtype=np.float64)
-    spec = np.empty((min(n, _BLOCK), N_FFT // 2 + 1), dtype=np.complex128)
-    parts = spec.view(np.float64)  # re, im, re, im, ...
-    for i in range(0, n, _BLOCK):  # blocks that stay in cache
-        b = min(_BLOCK, n - i)
-        np.multiply(frames[i : i + b], _WINDOW_64, out=windowed[:b])
-        np.fft.rfft(windowed[:b], axis=1, out=spec[:b])
-        np.square(parts[:b], out=parts[:b])
-        np.add(parts[:b, ::2], parts[:b, 1::2], out=power[i : i + b], casting="unsafe")
+    rfft = _SCIPY_RFFT
+    if rfft is not None:
+        for i in range(0, n, _BLOCK):  # blocks that stay in cache
+            spec = rfft(frames[i : i + _BLOCK] * _WINDOW, axis=1)
+            np.multiply(spec.real, spec.real, out=power[i : i + _BLOCK])
+            power[i : i + _BLOCK] += spec.imag * spec.imag
+    else:
+        windowed = np.empty((min(n, _BLOCK), N_FFT), dtype=np.float64)
+        spec = np.empty((min(n, _BLOCK), N_FFT // 2 + 1), dtype=np.complex128)
+        parts = spec.view(np.float64)  # re, im, re, im, ...
+        for i in range(0, n, _BLOCK):
+            b = min(_BLOCK, n - i)
+            np.multiply(frames[i : i + b], _WINDOW_64, out=windowed[:b])
+            np.fft.rfft(windowed[:b], axis=1, out=spec[:b])
+            np.square(parts[:b], out=parts[:b])
+            np.add(parts[:b, ::2], parts[:b, 1::2], out=power[i : i + b], casting="unsafe")
     basis = mel_basis()
-    mel = np.zeros((N_MELS, n), dtype=np.float32)
+    mel = np.empty((N_MELS, n), dtype=np.float32)
     for m, (lo, hi) in enumerate(_MEL_SPANS):
         if hi > lo:
             np.dot(power[:, lo:hi], basis[m, lo:hi], out=mel[m])
+        else:  # a band with no bins (none at these constants)
+            mel[m] = 0.0
     amin = 1e-10
     db = 10.0 * np.log10(np.maximum(amin, mel))
     db -= 10.0 * np.log10(max(amin, float(mel.max())))

@@ -43,6 +43,7 @@ def decode_row(row: dict[str, Any], max_windows: int) -> dict[str, Any]:
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(1)
+        features.use_scipy_fft()  # a decode task's worker makes many windows
         _threads_limited = True
     import ray
 

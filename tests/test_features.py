@@ -80,9 +80,16 @@ def test_audio_matches_the_training_images(shared_audio, shared_png):
     assert float(np.mean(errors)) < 0.5
 
 
-def test_mel_db_is_librosas():
-    """The numpy/scipy STFT in ``mel_db`` gives librosa's own dB mel spectrogram."""
+@pytest.mark.parametrize("backend", ["numpy", "scipy"])
+def test_mel_db_is_librosas(backend, monkeypatch):
+    """``mel_db`` gives librosa's own dB mel spectrogram with either FFT: numpy's (a
+    process that makes a few windows) and scipy's (decode workers, ``use_scipy_fft``)."""
     import librosa
+
+    monkeypatch.setattr(features, "_SCIPY_RFFT", None)  # restored after the test
+    if backend == "scipy":
+        features.use_scipy_fft()
+        assert features._SCIPY_RFFT is not None
 
     rng = np.random.default_rng(3)
     t = np.arange(features.WINDOW_SAMPLES) / features.SAMPLE_RATE
@@ -97,6 +104,21 @@ def test_mel_db_is_librosas():
         got = features.mel_db(y)
         assert got.shape == ref.shape
         assert np.abs(got - ref).max() < 0.01  # dB; one colour level is 80/255 = 0.31 dB
+
+
+def test_one_window_needs_no_scipy():
+    """A process that makes a window without ``use_scipy_fft`` never imports scipy
+    (its import is a sixth of a one-file scan)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np; from tagger import features as F; "
+        "F.window_matrix(np.random.default_rng(0).standard_normal(F.WINDOW_SAMPLES).astype(np.float32)); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('scipy', 'librosa')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_shipped_mel_basis_is_librosas():

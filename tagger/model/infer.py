@@ -97,6 +97,7 @@ def _worker_init(mel_basis: np.ndarray | None = None) -> None:
     threadpool_limits(1)
     if mel_basis is not None:  # the parent's filter bank: no librosa import here
         features.set_mel_basis(mel_basis)
+    features.use_scipy_fft()  # a worker makes many windows: worth scipy's import
     # Ctrl-C is the parent's to handle: it shuts the pool down; a worker that died
     # of it would only print a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
