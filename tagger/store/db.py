@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import Connection, ExceptionContext
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -260,8 +260,6 @@ SCHEMA_HEAD = "0003"
 
 def _stamped_revisions(conn: Connection) -> set[str]:
     """The revisions in ``alembic_version``, read with plain SQL (empty for a new file)."""
-    from sqlalchemy import text
-
     known = conn.execute(
         text("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'")
     ).first()
