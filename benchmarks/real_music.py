@@ -29,6 +29,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
+#: The linear head's settings that ``--head`` may change; the recipe refitted is these and
+#: the ones after, read from the bundle (the temperatures are fitted again).
+HEAD_SETTINGS = ("patches", "embedding_dim", "l2", "mel_stats", "patch_std", "band_corr")
+RECIPE_SETTINGS = (*HEAD_SETTINGS, "log10_gain", "seed", "top", "top_weight")
 
 
 def _table(rows, chosen: float) -> str:
@@ -193,7 +197,7 @@ def main() -> int:
         from tagger.teacher.branch import HeadConfig
         from tagger.teacher.top import TopConfig
 
-        head_overrides = _settings(HeadConfig, a.head, "--head", ("patches", "embedding_dim", "l2", "mel_stats", "patch_std", "band_corr"))
+        head_overrides = _settings(HeadConfig, a.head, "--head", HEAD_SETTINGS)
         top_overrides = _settings(TopConfig, a.top, "--top")
     if not Path(a.labelled).is_file() or not Path(a.data).is_dir():
         print(f"needs {a.labelled} and {a.data} (../shared)", file=sys.stderr)
@@ -229,7 +233,7 @@ def main() -> int:
         from tagger.teacher.top import interleave, musicnn_top_weights
 
         head = training["head"]
-        cfg = HeadConfig(**{k: head[k] for k in ("patches", "embedding_dim", "l2", "log10_gain", "seed", "top", "top_weight", "mel_stats", "patch_std", "band_corr") if k in head})
+        cfg = HeadConfig(**{k: head[k] for k in RECIPE_SETTINGS if k in head})
         mode = f"recipe refitted under {a.folds}-fold cross-validation grouped by artist"
         if a.top:
             cfg.top = {**cfg.top, **top_overrides}

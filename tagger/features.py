@@ -155,29 +155,16 @@ def mel_db(y: np.ndarray) -> np.ndarray:
     frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH]
     n = len(frames)
     power = np.empty((n, N_FFT // 2 + 1), dtype=np.float32)
-    rfft = _SCIPY_RFFT
-    if rfft is not None:
-        for i in range(0, n, _BLOCK):  # blocks that stay in cache
-            spec = rfft(frames[i : i + _BLOCK] * _WINDOW, axis=1)
-            np.multiply(spec.real, spec.real, out=power[i : i + _BLOCK])
-            power[i : i + _BLOCK] += spec.imag * spec.imag
-    else:
-        windowed = np.empty((min(n, _BLOCK), N_FFT), dtype=np.float64)
-        spec = np.empty((min(n, _BLOCK), N_FFT // 2 + 1), dtype=np.complex128)
-        parts = spec.view(np.float64)  # re, im, re, im, ...
-        for i in range(0, n, _BLOCK):
-            b = min(_BLOCK, n - i)
-            np.multiply(frames[i : i + b], _WINDOW_64, out=windowed[:b])
-            np.fft.rfft(windowed[:b], axis=1, out=spec[:b])
-            np.square(parts[:b], out=parts[:b])
-            np.add(parts[:b, ::2], parts[:b, 1::2], out=power[i : i + b], casting="unsafe")
+    # scipy's transform takes the float32 frames; numpy's the float64 ones (its float32 path is slow)
+    rfft, window = (_SCIPY_RFFT, _WINDOW) if _SCIPY_RFFT is not None else (np.fft.rfft, _WINDOW_64)
+    for i in range(0, n, _BLOCK):  # blocks that stay in cache
+        spec = rfft(frames[i : i + _BLOCK] * window, axis=1)
+        np.multiply(spec.real, spec.real, out=power[i : i + _BLOCK], casting="same_kind")
+        power[i : i + _BLOCK] += spec.imag * spec.imag
     basis = mel_basis()
     mel = np.empty((N_MELS, n), dtype=np.float32)
-    for m, (lo, hi) in enumerate(_MEL_SPANS):
-        if hi > lo:
-            np.dot(power[:, lo:hi], basis[m, lo:hi], out=mel[m])
-        else:  # a band with no bins (none at these constants)
-            mel[m] = 0.0
+    for m, (lo, hi) in enumerate(_MEL_SPANS):  # an empty span (none at these constants) sums to 0
+        np.dot(power[:, lo:hi], basis[m, lo:hi], out=mel[m])
     amin = 1e-10
     db = 10.0 * np.log10(np.maximum(amin, mel))
     db -= 10.0 * np.log10(max(amin, float(mel.max())))

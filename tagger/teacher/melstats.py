@@ -18,7 +18,7 @@ window's 128 × 387 levels (the representation of :mod:`tagger.features`):
 
 Beside them, :class:`BandCorrelation`: how the 16 band groups' levels move together over the
 window (the correlation of each pair of groups' level series, 120 values): whether bass and
-treble rise and fall together, which instruments share a phrase (2026-12-08).
+treble rise and fall together, which instruments share a phrase (2026-12-07).
 
 Measured under the benchmark's artist-grouped folds before each was kept (docs/genres.md).
 A Keras layer written with ``keras.ops`` only (the Fourier transform is a product with
