@@ -14,10 +14,10 @@ left alone, its tracks are *not* marked deleted; when it comes back it is watche
 scanned. It sends ``WATCHDOG=1`` while the worker, settler and observers are alive, and
 ``STATUS=`` with the queue depth and rate.
 
-Stopping: ``STOPPING=1``; the observers stop (no new work); files still settling are queued
-(durably, to run once settled, so nothing is dropped); the worker finishes its batch if it
-can within ``STOP_GRACE`` seconds and gives the rest back to the queue; exit 0, all within
-``STOP_BOUND`` seconds (the units give ``TimeoutStopSec=30``).
+Stopping: ``STOPPING=1``; the worker claims nothing more; the observers stop (no new work);
+files still settling are queued (durably, to run once settled, so nothing is dropped); the
+worker finishes its batch if it can within ``STOP_GRACE`` seconds and gives the rest back to
+the queue; exit 0, all within ``STOP_BOUND`` seconds (the units give ``TimeoutStopSec=30``).
 """
 
 from __future__ import annotations
@@ -536,6 +536,10 @@ class Daemon:
         reason = self.stop_reason or "error"
         log.info("stopping (%s)", reason)
         self.notifier.stopping(f"stopping ({reason})")
+        if self.worker:
+            # First: once the settler is flushed below, nothing looks "about to settle", and a
+            # worker still claiming would start a fresh batch on the way out.
+            self.worker.stop(grace=STOP_GRACE)
         if self.watcher:
             self.watcher.stop(timeout=3)
         if self.settler:
@@ -543,14 +547,12 @@ class Daemon:
             self._flush_settling()
         if self.scheduler:
             self.scheduler.shutdown()
-        if self.worker:
-            self.worker.stop(grace=STOP_GRACE)
-            if not self.worker.join(max(1.0, STOP_BOUND - 5 - (time.monotonic() - t0))):
-                n = self.worker.release_all()
-                log.error("the worker did not finish in time: gave %d jobs back to the queue; exiting", n)
-                self._write_state(running=False)
-                logging.shutdown()
-                os._exit(code)
+        if self.worker and not self.worker.join(max(1.0, STOP_BOUND - 5 - (time.monotonic() - t0))):
+            n = self.worker.release_all()
+            log.error("the worker did not finish in time: gave %d jobs back to the queue; exiting", n)
+            self._write_state(running=False)
+            logging.shutdown()
+            os._exit(code)
         if self.library and self.library.classifier:
             closer = threading.Thread(target=self.library.classifier.close, daemon=True)
             closer.start()

@@ -178,6 +178,8 @@ class Worker:
                 self.wake.wait(min(0.1, cfg.max_wait))
                 self.wake.clear()
                 continue
+            if self._stop.is_set():
+                break  # stop() came while this pass read the queue: claim nothing new
             first_ready = None
             idle_since = None
             try:

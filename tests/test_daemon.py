@@ -748,17 +748,18 @@ def test_sigterm_exits_0_and_keeps_the_queue(env: Env, flac: Path):
     """Queued jobs stay queued across SIGTERM, a file still being written is queued on the
     way out, nothing stays claimed, and the next start does the work."""
     # The worker waits for a full batch (or max_wait) while something is still settling.
-    # settle_seconds 3: the copy writes every 0.2 s, but a loaded 2-core machine once
-    # stalled it past a 1-s settle (CI, 2026-12-08): the file settled early and the
-    # worker ran the batch before SIGTERM.
-    env.write_config(batch_size=3000, max_wait=600.0, settle_seconds=3.0)
+    # This failed twice on CI (2026-12-08) with one job 'done': the daemon flushed the settler
+    # before it stopped the worker, so for a moment nothing looked about to settle and the
+    # worker claimed the batch on the way out. A 1.5-s sleep after the flush made it fail
+    # every time; the worker now stops claiming first.
+    env.write_config(batch_size=3000, max_wait=600.0)
     d = env.start()
     db = env.db
     big = env.tmp / "big.wav"
     helpers.write_synth(big, 40.0)
     growing = env.music / "incoming" / "big.wav"
     growing.parent.mkdir()
-    writer = threading.Thread(target=copy_slowly, args=(big, growing, 80, 0.2))
+    writer = threading.Thread(target=copy_slowly, args=(big, growing, 40, 0.2))
     writer.start()
     wait_until(growing.exists, 5, "the slow copy to begin")
     ready = env.music / "ready"
