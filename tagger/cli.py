@@ -113,8 +113,9 @@ def main(ctx: click.Context, config_file: str | None, verbose: int) -> None:
 @click.option("--mel-stats/--no-mel-stats", default=True, show_default=True, help="With --labelled: the linear head also reads the window's mel statistics (spectral envelope, onset periodicity, modulation spectrum; tagger/teacher/melstats.py).")
 @click.option("--patch-std/--no-patch-std", default=True, show_default=True, help="With --labelled: ... and the standard deviation of musicnn's features over the window's patches, beside their mean and max.")
 @click.option("--band-corr/--no-band-corr", default=True, show_default=True, help="With --labelled: ... and how the window's 16 mel band groups move together (their levels' correlations).")
+@click.option("--prior-shift", type=click.FloatRange(0, 1), default=0.25, show_default=True, help="With --labelled: shift the calibrated logits this far toward balanced genres (each genre's logit less this times the log of its mean held-out probability; fitted in the cross-validation, so --cv 0 leaves it out). 0: off.")
 @pass_ctx
-def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, members, crop, batch_size, learning_rate, patience, seed, select, arch_json, out_dir, cache_dir, name, jobs, mixup, masks, teacher, densenet_bundle, densenet_weight, patches, embedding_dim, head_c, distill, extra_paths, tag_weight, penultimate_weight, labelled_per_batch, genre_weight, finetune_epochs, labelled_paths, label_map, vocabulary_list, cv_folds, l2, top_weight, mel_stats, patch_std, band_corr) -> None:
+def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, members, crop, batch_size, learning_rate, patience, seed, select, arch_json, out_dir, cache_dir, name, jobs, mixup, masks, teacher, densenet_bundle, densenet_weight, patches, embedding_dim, head_c, distill, extra_paths, tag_weight, penultimate_weight, labelled_per_batch, genre_weight, finetune_epochs, labelled_paths, label_map, vocabulary_list, cv_folds, l2, top_weight, mel_stats, patch_std, band_corr, prior_shift) -> None:
     """Train a genre model on DATA (PNG layout or <genre>/ audio folders)."""
     import numpy as np
 
@@ -242,7 +243,7 @@ def train(ctx: Context, data, valid_split, train_split, valid_fraction, epochs, 
                 from .teacher.mixed import run_mixed_training
                 from .teacher.top import TopConfig
 
-                hc = HeadConfig(patches=6, mel_stats=mel_stats, patch_std=patch_std, band_corr=band_corr)
+                hc = HeadConfig(patches=6, mel_stats=mel_stats, patch_std=patch_std, band_corr=band_corr, prior_shift=prior_shift)
                 for key, value in {"patches": patches, "embedding_dim": embedding_dim, "l2": l2, "seed": seed}.items():
                     if value is not None:
                         setattr(hc, key, value)

@@ -57,7 +57,7 @@ class ModelConfig:
 class TagsConfig:
     policy: str = "keep"
     top_k: int = 1
-    min_confidence: float = 0.62
+    min_confidence: float = 0.60
     separator: str = "; "
     #: How labels are written (labels not named here: tagger.vocabulary.DISPLAY).
     names: dict[str, str] = field(default_factory=lambda: dict(DISPLAY))

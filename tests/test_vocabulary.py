@@ -100,6 +100,34 @@ def test_temperature_undoes_overconfidence():
     assert partial.set_nll(2.5 * z, mask, t) < partial.set_nll(2.5 * z, mask, 1.0)
 
 
+def test_prior_shift_leans_against_the_genre_the_model_favours():
+    """A model that calls genre 0 on most windows: the shift lowers genre 0's logit and raises the
+    rare ones', less so for a smaller shift; no shift, no bias; the temperatures are as without."""
+    import dataclasses
+
+    from tagger.teacher.branch import HeadConfig
+    from tagger.teacher.mixed import calibrated_logits, prior_bias
+
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 1, (4000, 4)) + np.array([1.5, 0.0, 0.0, -1.0])
+    b = prior_bias(z, 0.5)
+    assert abs(b.sum()) < 1e-9 and b[0] < 0 < b[3] and b[3] > b[1]
+    np.testing.assert_allclose(prior_bias(z, 0.25), b / 2)
+    before, after = partial.softmax(z).mean(0), partial.softmax(z + b).mean(0)
+    assert after[0] < before[0] and after[3] > before[3] and after.std() < before.std()
+
+    y = partial.softmax(z).argmax(1)
+    mask = np.zeros_like(z, bool)
+    mask[np.arange(len(y)), y] = True
+    keep = np.ones(len(z), bool)
+    off = HeadConfig(top_weight=0.0)
+    on = dataclasses.replace(off, prior_shift=0.5)
+    z_off, z_on = calibrated_logits(z, None, mask, keep, off), calibrated_logits(z, None, mask, keep, on)
+    assert off.prior_bias is None and on.temperature == off.temperature
+    np.testing.assert_allclose(z_on - z_off, np.broadcast_to(on.prior_bias, z.shape))
+    np.testing.assert_allclose(on.prior_bias, prior_bias(z_off, 0.5))
+
+
 def test_scoring_counts_right_wrong_and_nothing():
     labels = ["jazz", V.NONE_LABEL, "rock"]
     probs = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.5, 0.0, 0.5 - 1e-6], [0.1, 0.1, 0.8]])
@@ -249,6 +277,7 @@ def test_mixed_training_writes_a_calibrated_bundle_with_the_vocabulary(mixed_bun
     assert t["head"]["top"]["mixup_alpha"] == 0.3  # --mixup reaches the tops on this route
     assert t["head"]["mel_stats"] is True  # the default: the head reads the window's mel statistics,
     assert t["head"]["patch_std"] is True and t["head"]["band_corr"] is True  # the patches' spread, the bands' correlations
+    assert t["head"]["prior_shift"] == 0.25 and len(t["head"]["prior_bias"]) == 6  # the default shift, fitted in the cross-validation
     assert "cv" in b.meta["metrics"] and b.meta["metrics"]["cv"]["folds"] == 2
     assert t["data"]["labelled"]["windows"] == 10 and t["data"]["labelled"]["groups"] == 2
     assert (mixed_bundle / "precision.png").stat().st_size > 1000
@@ -361,7 +390,7 @@ def test_shipped_model_has_the_larger_vocabulary_and_calibration():
 def test_fine_tuned_tops_in_the_shipped_graph_equal_the_recipe():
     """The Keras graph (exported to ONNX), built from the folded head (reading musicnn's features, their
     spread over the patches, the mel statistics and the band correlations) and tops, pools them exactly
-    as training scored them (weights and temperatures included)."""
+    as training scored them (weights, temperatures and the prior shift's bias included)."""
     if not _musicnn_present():
         pytest.skip("musicnn weights not installed (pip install --no-deps musicnn==0.1.0)")
     import keras
@@ -382,7 +411,8 @@ def test_fine_tuned_tops_in_the_shipped_graph_equal_the_recipe():
     musicnn = load_musicnn()
     w = musicnn_top_weights(musicnn)
     tops = [Top(w["pool_bn"], w["penultimate"], w["penultimate_bn"], [rng.normal(size=(200, k)) / 10, rng.normal(size=k)]) for _ in range(2)]
-    cfg = HeadConfig(patches=patches, top_weight=0.3, linear_temperature=1.3, top_temperature=0.8, temperature=1.1, mel_stats=True, patch_std=True, band_corr=True)
+    cfg = HeadConfig(patches=patches, top_weight=0.3, linear_temperature=1.3, top_temperature=0.8, temperature=1.1, mel_stats=True, patch_std=True, band_corr=True,
+                     prior_shift=0.25, prior_bias=list(rng.normal(size=k)))  # fmt: skip
     fitted = Fitted(head, tops, cfg)
     folded_head, folded_tops = fitted.folded()
     model = build_branch_model(musicnn, folded_head, cfg, k, tops=folded_tops)

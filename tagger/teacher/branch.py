@@ -62,9 +62,15 @@ class HeadConfig:
     #: and the correlations of the band groups' levels (:class:`tagger.teacher.melstats.BandCorrelation`).
     patch_std: bool = False
     band_corr: bool = False
+    #: How far the calibrated logits are shifted toward balanced genres: each genre's logit
+    #: less ``prior_shift`` times the log of its mean held-out probability (0: none). The
+    #: training mix is an accident of the data at hand (Emotify's 130 pop windows, say), not
+    #: a library's; ``prior_bias`` is the shift fitted, folded into the exported graph.
+    prior_shift: float = 0.0
+    prior_bias: list | None = None
 
     def to_dict(self) -> dict:
-        keys = ("patches", "embedding_dim", "c", "densenet_weight", "log10_gain", "extra", "l2", "temperature", "seed", "top", "top_weight", "linear_temperature", "top_temperature", "mel_stats", "patch_std", "band_corr")
+        keys = ("patches", "embedding_dim", "c", "densenet_weight", "log10_gain", "extra", "l2", "temperature", "seed", "top", "top_weight", "linear_temperature", "top_temperature", "mel_stats", "patch_std", "band_corr", "prior_shift", "prior_bias")
         return {k: getattr(self, k) for k in keys}
 
 

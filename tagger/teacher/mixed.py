@@ -188,7 +188,7 @@ class Fitted:
         z = self.head.logits(f) / c.linear_temperature
         if self.tops and xt is not None:
             z = (1 - c.top_weight) * z + c.top_weight * tops_logits(self.tops, xt) / c.top_temperature
-        return z / c.temperature
+        return z / c.temperature + _bias(c, z.shape[-1])
 
     def folded(self) -> tuple[Head, list]:
         """The head and tops with the pool's weights and temperatures folded into their last
@@ -197,7 +197,7 @@ class Fitted:
         w_lin = (1 - c.top_weight) if self.tops else 1.0
         scale = w_lin / (c.linear_temperature * c.temperature)
         h = self.head
-        head = Head(h.mean, h.scale, h.components, h.pca_mean, h.coef * scale, h.intercept * scale)
+        head = Head(h.mean, h.scale, h.components, h.pca_mean, h.coef * scale, h.intercept * scale + _bias(c, len(h.intercept)))
         tops = [t.scaled(c.top_weight / (len(self.tops) * c.top_temperature * c.temperature)) for t in self.tops]
         return head, tops
 
@@ -245,20 +245,36 @@ def held_out(
     return lin, top
 
 
+def _bias(cfg: HeadConfig, n: int) -> np.ndarray:
+    return np.zeros(n) if cfg.prior_bias is None else np.asarray(cfg.prior_bias, dtype=np.float64)
+
+
+def prior_bias(z: np.ndarray, shift: float) -> np.ndarray:
+    """Per-genre logit shift toward balanced genres: ``-shift * log(mean softmax(z))``, centred.
+
+    No labels are read: only how often the model itself leans to each genre on ``z``."""
+    p = partial.softmax(z).mean(axis=0)
+    b = -shift * np.log(np.clip(p, 1e-12, None))
+    return b - b.mean()
+
+
 def calibrate(lin: np.ndarray, top: np.ndarray | None, mask: np.ndarray, keep: np.ndarray, cfg: HeadConfig) -> np.ndarray:
     """Each branch's temperature, then the pool's (all fitted on held-out logits, set in ``cfg``); the pooled probabilities."""
     return partial.softmax(calibrated_logits(lin, top, mask, keep, cfg))
 
 
 def calibrated_logits(lin: np.ndarray, top: np.ndarray | None, mask: np.ndarray, keep: np.ndarray, cfg: HeadConfig) -> np.ndarray:
-    """:func:`calibrate`'s pooled logits, over every row, with the temperatures fitted on the rows ``keep`` (set in ``cfg``)."""
+    """:func:`calibrate`'s pooled logits, over every row, with the temperatures (and the prior
+    shift's bias, :func:`prior_bias`) fitted on the rows ``keep`` (set in ``cfg``)."""
     cfg.linear_temperature = partial.fit_temperature(lin[keep], mask[keep])
     z = lin / cfg.linear_temperature
     if top is not None:
         cfg.top_temperature = partial.fit_temperature(top[keep], mask[keep])
         z = (1 - cfg.top_weight) * z + cfg.top_weight * top / cfg.top_temperature
     cfg.temperature = partial.fit_temperature(z[keep], mask[keep])
-    return z / cfg.temperature
+    z = z / cfg.temperature
+    cfg.prior_bias = prior_bias(z[keep], cfg.prior_shift).tolist() if cfg.prior_shift else None
+    return z + _bias(cfg, z.shape[-1])
 
 
 def cv_report(probs: np.ndarray, data: Labelled, labels: Sequence[str], table: Mapping[str, frozenset[str]], base: Sequence[str], precision: float) -> dict:
