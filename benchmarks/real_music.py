@@ -33,8 +33,6 @@ SHARED = ROOT.parent / "shared" / "data"
 #: the ones after, read from the bundle (the temperatures are fitted again).
 HEAD_SETTINGS = ("patches", "embedding_dim", "l2", "mel_stats", "patch_std", "band_corr", "prior_shift")
 RECIPE_SETTINGS = (*HEAD_SETTINGS, "log10_gain", "seed", "top", "top_weight")
-#: The curve's thresholds: every hundredth from 0.50 to 0.70, where a default is chosen.
-CURVE_THRESHOLDS = (0.0, 0.3, 0.35, 0.4, 0.45, *(round(0.5 + i / 100, 2) for i in range(21)), 0.8, 0.9)
 
 
 def _table(rows, chosen: float) -> str:
@@ -213,6 +211,9 @@ def main() -> int:
     from tagger.model.evaluate import abstentions, report_from
     from tagger.teacher import mixed
 
+    # scoring's thresholds, and every hundredth from 0.50 to 0.70, where a default is chosen
+    curve_thresholds = sorted({*scoring.DEFAULT_THRESHOLDS, *(round(0.5 + i / 100, 2) for i in range(21))})
+
     threshold = TagsConfig().min_confidence if a.threshold is None else a.threshold
     windows = ModelConfig().max_windows if a.windows is None else a.windows
     bundle = load_bundle(a.model)
@@ -274,7 +275,7 @@ def main() -> int:
         # the real-music tracks as a scan with [model] max_windows hears them
         idx = first_windows(data, [i for i, s in enumerate(data.sources) if s != "gtzan"], windows)
         tp, tracks, allowed, names = mixed.per_track(probs[idx], data, idx, table)
-        real_probs_rows = {"curve": scoring.curve(tp, labels, allowed, CURVE_THRESHOLDS), "tracks": len(tracks)}
+        real_probs_rows = {"curve": scoring.curve(tp, labels, allowed, curve_thresholds), "tracks": len(tracks)}
         result["temperature"] = t
         result["gtzan_cv_accuracy"] = rep["gtzan"]["accuracy_among_its_genres"]
         if a.variants:
@@ -288,7 +289,7 @@ def main() -> int:
         clf = Classifier(bundle, workers=0)
         idx = first_windows(extra, range(len(extra)), windows)
         tp, tracks, allowed, names = mixed.per_track(clf.predict_windows(extra.x[idx]), extra, idx, table)
-        real_probs_rows = {"curve": scoring.curve(tp, labels, allowed, CURVE_THRESHOLDS), "tracks": len(tracks)}
+        real_probs_rows = {"curve": scoring.curve(tp, labels, allowed, curve_thresholds), "tracks": len(tracks)}
         vrep = report_from(clf.predict_windows(valid.x), valid, labels, among=valid.labels)
         if (training.get("data", {}).get("train") or {}).get("clips", 0) > len(train.ids):
             mode += "; NOTE: it was trained on GTZAN train + valid, so its valid figure is not held out"
